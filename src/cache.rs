@@ -1,0 +1,330 @@
+//! The content-addressed cache: blobs in, verified files out.
+//!
+//! Blobs are stored as `ROOT/blobs/<algorithm>/<hex>`. An entry is only ever created by
+//! renaming a fully written and verified temporary file into place, so concurrent runs that
+//! share the cache never see a partial blob, and an entry is re-verified against its digest
+//! every time it is used: the cache is never trusted on its name alone.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Digest, DigestAlgorithm};
+use sha2::Digest as _;
+
+/// Errors of the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache directory could not be used.
+    #[error("cannot use the cache directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing a blob failed.
+    #[error("cache I/O failed on {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Bytes did not match the digest or size they were fetched for.
+    #[error("blob {expected} does not match its descriptor: got {actual_digest} ({actual_size} bytes, expected {expected_size})")]
+    Mismatch {
+        /// The digest the bytes were supposed to have.
+        expected: Digest,
+        /// The size the bytes were supposed to have.
+        expected_size: u64,
+        /// What they hashed to.
+        actual_digest: Digest,
+        /// How many bytes there were.
+        actual_size: u64,
+    },
+    /// The digest uses an algorithm the cache cannot verify.
+    #[error("unsupported digest algorithm in {0}")]
+    Algorithm(Digest),
+}
+
+/// A streaming hasher for the digest algorithms OCI registries use.
+#[derive(Clone)]
+pub enum Hasher {
+    /// sha256, the canonical algorithm.
+    Sha256(sha2::Sha256),
+    /// sha512, allowed by the OCI image spec.
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    /// A hasher for the algorithm of `digest`.
+    pub fn for_digest(digest: &Digest) -> Result<Self, CacheError> {
+        match digest.algorithm() {
+            DigestAlgorithm::Sha256 => Ok(Self::sha256()),
+            DigestAlgorithm::Sha512 => Ok(Self::Sha512(sha2::Sha512::new())),
+            _ => Err(CacheError::Algorithm(digest.clone())),
+        }
+    }
+
+    /// A sha256 hasher.
+    pub fn sha256() -> Self {
+        Self::Sha256(sha2::Sha256::new())
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(data),
+            Self::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// The digest of everything fed so far.
+    pub fn finish(self) -> Digest {
+        let s = match self {
+            Self::Sha256(h) => format!("sha256:{}", hex::encode(h.finalize())),
+            Self::Sha512(h) => format!("sha512:{}", hex::encode(h.finalize())),
+        };
+        s.parse().expect("a hex digest is always valid")
+    }
+}
+
+/// Hashes a whole reader with the algorithm of `like`; returns the digest and byte count.
+pub fn digest_reader(mut r: impl Read, like: &Digest) -> Result<(Digest, u64), CacheError> {
+    let mut h = Hasher::for_digest(like)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(CacheError::Io {
+                    path: PathBuf::new(),
+                    source: e,
+                })
+            }
+        };
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((h.finish(), n))
+}
+
+/// A content-addressed cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// Opens (creating it if needed) the cache at `dir`, or the default: `$XDG_CACHE_HOME/oci2uk`
+    /// (`~/.cache/oci2uk`).
+    pub fn open(dir: Option<&Path>) -> Result<Self, CacheError> {
+        let root = match dir {
+            Some(d) => d.to_path_buf(),
+            None => dirs::cache_dir()
+                .unwrap_or_else(std::env::temp_dir)
+                .join("oci2uk"),
+        };
+        for sub in ["blobs/sha256", "blobs/sha512", "tmp"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(|source| CacheError::Dir { path: p, source })?;
+        }
+        Ok(Self { root })
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory for temporary files (same filesystem as the blobs, so renames are atomic).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where the blob `digest` lives (whether or not it is there).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_ref())
+            .join(digest.digest())
+    }
+
+    /// The path of the blob if the cache holds it with the right digest and size. A corrupt
+    /// entry is removed and reported as absent.
+    pub fn get(&self, digest: &Digest, size: u64) -> Result<Option<PathBuf>, CacheError> {
+        let path = self.blob_path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CacheError::Io { path, source }),
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| CacheError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if len == size {
+            let (actual, _) = digest_reader(io::BufReader::new(file), digest)?;
+            if &actual == digest {
+                return Ok(Some(path));
+            }
+        }
+        tracing::warn!(%digest, path = %path.display(), "removing a corrupt cache entry");
+        let _ = fs::remove_file(&path);
+        Ok(None)
+    }
+
+    /// Starts writing a blob that must turn out to be `digest` of `size` bytes.
+    pub fn writer(&self, digest: &Digest, size: u64) -> Result<BlobWriter, CacheError> {
+        let tmp = tempfile::NamedTempFile::new_in(self.tmp_dir()).map_err(|source| {
+            CacheError::Io {
+                path: self.tmp_dir(),
+                source,
+            }
+        })?;
+        Ok(BlobWriter {
+            hasher: Hasher::for_digest(digest)?,
+            expected: digest.clone(),
+            expected_size: size,
+            written: 0,
+            file: io::BufWriter::with_capacity(256 * 1024, tmp),
+            dest: self.blob_path(digest),
+        })
+    }
+
+    /// Copies a verified blob from `r` into the cache and returns its path.
+    pub fn put_reader(
+        &self,
+        digest: &Digest,
+        size: u64,
+        mut r: impl Read,
+    ) -> Result<PathBuf, CacheError> {
+        let mut w = self.writer(digest, size)?;
+        io::copy(&mut r, &mut w).map_err(|source| CacheError::Io {
+            path: w.dest.clone(),
+            source,
+        })?;
+        w.commit()
+    }
+}
+
+/// A blob being written into the cache; it appears under its digest only on a successful
+/// [`BlobWriter::commit`], and the temporary file is removed if it is dropped.
+pub struct BlobWriter {
+    hasher: Hasher,
+    expected: Digest,
+    expected_size: u64,
+    written: u64,
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    dest: PathBuf,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Discards what was written (for a download that restarts from the beginning).
+    pub fn reset(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.flush()?;
+        let f = self.file.get_mut().as_file_mut();
+        f.set_len(0)?;
+        f.seek(io::SeekFrom::Start(0))?;
+        self.hasher = Hasher::for_digest(&self.expected).map_err(io::Error::other)?;
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Verifies digest and size, then moves the blob into place.
+    pub fn commit(self) -> Result<PathBuf, CacheError> {
+        let actual = self.hasher.finish();
+        if actual != self.expected || self.written != self.expected_size {
+            return Err(CacheError::Mismatch {
+                expected: self.expected,
+                expected_size: self.expected_size,
+                actual_digest: actual,
+                actual_size: self.written,
+            });
+        }
+        let tmp = self.file.into_inner().map_err(|e| CacheError::Io {
+            path: self.dest.clone(),
+            source: e.into_error(),
+        })?;
+        tmp.persist(&self.dest).map_err(|e| CacheError::Io {
+            path: self.dest.clone(),
+            source: e.error,
+        })?;
+        Ok(self.dest)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written + buf.len() as u64 > self.expected_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "blob {} is larger than its descriptor's {} bytes",
+                    self.expected, self.expected_size
+                ),
+            ));
+        }
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> Digest {
+        let mut h = Hasher::sha256();
+        h.update(data);
+        h.finish()
+    }
+
+    #[test]
+    fn put_get_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(dir.path())).unwrap();
+        let d = sha(b"hello");
+        assert!(cache.get(&d, 5).unwrap().is_none());
+        let p = cache.put_reader(&d, 5, &b"hello"[..]).unwrap();
+        assert_eq!(cache.get(&d, 5).unwrap(), Some(p.clone()));
+        fs::write(&p, b"jello").unwrap();
+        assert!(cache.get(&d, 5).unwrap().is_none());
+        assert!(!p.exists(), "a corrupt entry is removed");
+    }
+
+    #[test]
+    fn mismatch_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(dir.path())).unwrap();
+        let d = sha(b"hello");
+        let err = cache.put_reader(&d, 5, &b"world"[..]).unwrap_err();
+        assert!(matches!(err, CacheError::Mismatch { .. }), "{err}");
+        let err = cache.put_reader(&d, 5, &b"hello!"[..]).unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("larger"), "{cause}");
+        assert!(!cache.blob_path(&d).exists());
+        assert_eq!(fs::read_dir(cache.tmp_dir()).unwrap().count(), 0);
+    }
+}

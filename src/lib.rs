@@ -1,0 +1,27 @@
+//! oci2uk turns a container image into a self-contained unikernel.
+//!
+//! The library is organised by pipeline stage; data flows one way:
+//!
+//! ```text
+//! source ──> image ──> flatten ──> output
+//! ```
+//!
+//! - [`reference`]: what the user names (a registry reference or a transport such as
+//!   `oci:DIR`, `docker-archive:FILE`) in, a [`reference::Source`] out.
+//! - [`registry`]: the distribution protocol: manifests and blobs from a registry, verified,
+//!   into the [`cache`].
+//! - [`image`]: a [`reference::Source`] in, a resolved [`image::Image`] out (config and verified
+//!   layer blobs), whatever the transport.
+//! - [`flatten`]: layer blobs in, one [`flatten::Tree`] out (metadata in memory, file contents
+//!   spooled by digest).
+//! - [`output`]: a tree in, bytes out (the `tar` format).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod flatten;
+pub mod image;
+pub mod output;
+pub mod progress;
+pub mod reference;
+pub mod registry;

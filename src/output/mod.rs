@@ -1,0 +1,3 @@
+//! Outputs: a flattened tree in, bytes out.
+
+pub mod tar;
