@@ -1,1 +1,255 @@
-fn main(){}
+//! The `oci2uk` command line: parses arguments, calls the library, maps errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use oci2uk::build::{self, BuildRequest, Destination, Format};
+use oci2uk::cache::Cache;
+use oci2uk::flatten::FlattenOptions;
+use oci2uk::image::{Platform, ResolveOptions};
+use oci2uk::progress::Progress;
+use oci2uk::reference::Source;
+use oci2uk::registry::RegistryOptions;
+
+/// Exit status for a failure that was reported.
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "oci2uk",
+    version,
+    about = "Turn a container image into one bootable unikernel file",
+    long_about = "Turn a container image into one bootable unikernel file.\n\n\
+        `oci2uk IMAGE` is short for `oci2uk build IMAGE`.",
+    after_help = "Examples:\n  \
+        oci2uk build nginx --format tar              # nginx.tar: the image's flattened tree\n  \
+        oci2uk 127.0.0.1:5000/web/nginx:1 --format tar -o - | tar -t\n  \
+        oci2uk build oci:./layout:app --format tar\n  \
+        oci2uk build docker-archive:app.tar --format tar --json"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull an image, flatten it and write the output (the default command).
+    Build(BuildArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// One bootable kernel file with the image baked in.
+    Elf,
+    /// The compressed initramfs alone.
+    Initrd,
+    /// The flattened image tree as a POSIX tar (what `docker export` gives).
+    Tar,
+    /// A directory with kernel, initrd, command line and launch files.
+    Bundle,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// The image: a reference (`nginx`, `127.0.0.1:5000/web/nginx:1`, `REPO@sha256:...`) or
+    /// `docker://REF`, `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:REPO:TAG]`.
+    image: String,
+
+    /// Output path; `-` writes to standard output. Default: NAME.EXT in the current directory,
+    /// NAME being the repository's last component or the archive's stem.
+    #[arg(short, long, value_name = "PATH")]
+    output: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value = "elf")]
+    format: FormatArg,
+
+    /// Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT]. Default: this
+    /// machine's.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+
+    /// Largest total uncompressed size of the flattened tree (suffixes K, M, G, T).
+    #[arg(long, value_name = "BYTES", default_value = "8G", value_parser = build::parse_size)]
+    max_size: u64,
+
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Registry credentials as USER:PASS (never printed).
+    #[arg(long, value_name = "USER:PASS", env = "OCI2UK_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+
+    /// A docker/podman auth file to read credentials from. Default: ~/.docker/config.json.
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+
+    /// Allow plain HTTP and unverified TLS for any registry (loopback registries fall back to
+    /// plain HTTP without it).
+    #[arg(long)]
+    insecure: bool,
+
+    /// A CA certificate (PEM) to trust besides the system's roots.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Cache directory for blobs. Default: ~/.cache/oci2uk.
+    #[arg(long, value_name = "DIR", env = "OCI2UK_CACHE")]
+    cache: Option<PathBuf>,
+
+    /// No progress bars and no messages except errors.
+    #[arg(short, long)]
+    quiet: bool,
+
+    /// Print one JSON object describing the result on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<RegistryArgs> for RegistryOptions {
+    fn from(a: RegistryArgs) -> Self {
+        Self {
+            creds: a.creds,
+            authfile: a.authfile,
+            insecure: a.insecure,
+            ca_cert: a.ca_cert,
+        }
+    }
+}
+
+/// Inserts `build` when the first argument is not a subcommand, so `oci2uk IMAGE` builds.
+fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const KNOWN: &[&str] = &["build", "help", "-h", "--help", "-V", "--version"];
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some(first) if KNOWN.contains(&first) => {}
+        None => {}
+        Some(_) => args.insert(1, "build".into()),
+    }
+    args
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
+    let quiet = match &cli.command {
+        Command::Build(b) => b.common.quiet,
+    };
+    init_logging(quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Build(args) => cmd_build(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn init_logging(quiet: bool) {
+    let default = if quiet { "error" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OCI2UK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// Prints the error chain on one line and returns the failure status.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    eprintln!("oci2uk: error: {}", chain.join(": "));
+    ExitCode::from(EXIT_FAILURE)
+}
+
+async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
+    let source: Source = args.image.parse()?;
+    let platform = match &args.platform {
+        Some(p) => p.parse::<Platform>()?,
+        None => Platform::host(),
+    };
+    let output = args.output.map(|p| {
+        if p.as_os_str() == "-" {
+            Destination::Stdout
+        } else {
+            Destination::Path(p)
+        }
+    });
+    let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => Some(
+            v.parse::<i64>()
+                .with_context(|| format!("invalid SOURCE_DATE_EPOCH {v:?}: expected seconds since 1970"))?,
+        ),
+        _ => None,
+    };
+    let format = match args.format {
+        FormatArg::Elf => Format::Elf,
+        FormatArg::Initrd => Format::Initrd,
+        FormatArg::Tar => Format::Tar,
+        FormatArg::Bundle => Format::Bundle,
+    };
+    let req = BuildRequest {
+        source,
+        format,
+        output,
+        resolve: ResolveOptions {
+            platform,
+            registry: args.registry.into(),
+        },
+        flatten: FlattenOptions {
+            max_size: args.max_size,
+        },
+        source_date_epoch,
+    };
+    let cache = Cache::open(args.common.cache.as_deref())?;
+    let progress = Progress::new(!args.common.quiet);
+    let outcome = build::build(&req, &cache, &progress).await?;
+    if args.common.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else if !args.common.quiet {
+        eprintln!(
+            "oci2uk: wrote {} ({} bytes, sha256:{}) from {}@{}",
+            outcome.output, outcome.size, outcome.sha256, outcome.source, outcome.manifest_digest
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn build_is_the_default_command() {
+        let argv = |v: &[&str]| with_default_subcommand(v.iter().map(Into::into).collect());
+        assert_eq!(argv(&["oci2uk", "nginx"])[1], "build");
+        assert_eq!(argv(&["oci2uk", "--format", "tar", "nginx"])[1], "build");
+        assert_eq!(argv(&["oci2uk", "build", "nginx"]).len(), 3);
+        assert_eq!(argv(&["oci2uk", "--help"]).len(), 2);
+    }
+}
