@@ -1,1 +1,13 @@
-fn main(){}
+//! Integration tests: the `oci2uk` binary as a user runs it.
+//!
+//! The tests in `registry` and `faults` need the loopback test registry and its fixtures
+//! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
+//! `registry-tests` feature, which the README's test command and `.ci/run` enable.
+
+mod cli;
+mod conformance;
+#[cfg(feature = "registry-tests")]
+mod faults;
+#[cfg(feature = "registry-tests")]
+mod registry;
+mod util;
