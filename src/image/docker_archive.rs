@@ -1,19 +1,950 @@
-//! `docker save` archives (`docker-archive:FILE[:REPO:TAG]`).
+//! `docker save` archives (`docker-archive:FILE[:REPO:TAG | :@N]`).
+//!
+//! An archive holds `manifest.json`, a list of `{Config, RepoTags, Layers}` naming members of
+//! the archive, and no image manifest. It may hold several images; the selector picks one by
+//! one of its `RepoTags` (compared as written and after Docker's normalisation) or by its
+//! position (`@N`). Members can be symbolic or hard links to other members (older docker saves
+//! link a layer shared by two images); links are followed inside the archive only.
+//!
+//! The archive is read in two streaming passes and never extracted: the first indexes the
+//! member names and reads `manifest.json`, the second reads the chosen configuration (size
+//! capped) and copies the chosen layers into the cache under the sha256 of their bytes. The
+//! archive itself may be gzip- or zstd-compressed.
+//!
+//! The tar-reading helpers at the end of this module are shared with [`super::layout`]'s
+//! `oci-archive` reader.
 
-use std::path::Path;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 
-use super::Image;
-use crate::cache::Cache;
+use oci_spec::image::Digest;
+use serde::Deserialize;
+
+use super::{Compression, Image, Layer, MAX_DOCUMENT_SIZE};
+use crate::cache::{Cache, Hasher};
+use crate::reference::{ImageRef, Source};
+
+/// Most links followed while resolving one member path (Linux's `MAXSYMLINKS`).
+const MAX_LINKS: usize = 40;
 
 /// Errors of reading a docker archive.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerArchiveError {
-    /// Placeholder.
-    #[error("docker archives are not supported yet: {0}")]
-    Unsupported(String),
+    /// The archive could not be read.
+    #[error("cannot read the archive {path}")]
+    Io {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A layer could not be written into the cache.
+    #[error("cannot write layer member {member} of {archive} into the cache at {path}")]
+    Write {
+        /// The archive.
+        archive: PathBuf,
+        /// The member being copied.
+        member: String,
+        /// The file being written.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The archive has no `manifest.json`.
+    #[error("{archive} has no manifest.json (not a docker save archive?)")]
+    NoManifest {
+        /// The archive.
+        archive: PathBuf,
+    },
+    /// `manifest.json` does not parse.
+    #[error("manifest.json of {archive} is not valid: {reason}")]
+    InvalidManifest {
+        /// The archive.
+        archive: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// `manifest.json` lists no image.
+    #[error("manifest.json of {archive} lists no image")]
+    NoImages {
+        /// The archive.
+        archive: PathBuf,
+    },
+    /// Several images and no selector.
+    #[error("{archive} holds {count} images; pick one with docker-archive:{archive}:REPO:TAG or docker-archive:{archive}:@N (it has: {images})")]
+    Ambiguous {
+        /// The archive.
+        archive: PathBuf,
+        /// How many images.
+        count: usize,
+        /// The images, by their tags and positions.
+        images: String,
+    },
+    /// The selector matches no image.
+    #[error("{archive} has no image {selector} (it has: {images})")]
+    NotFound {
+        /// The archive.
+        archive: PathBuf,
+        /// The selector given.
+        selector: String,
+        /// The images, by their tags and positions.
+        images: String,
+    },
+    /// The selector matches several different images.
+    #[error("{selector} names several images in {archive}: {images}")]
+    AmbiguousSelector {
+        /// The archive.
+        archive: PathBuf,
+        /// The selector given.
+        selector: String,
+        /// The images it matches.
+        images: String,
+    },
+    /// A member that `manifest.json` names is missing.
+    #[error("{archive} has no member {member}")]
+    Missing {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path, as named.
+        member: String,
+    },
+    /// A member that `manifest.json` names is not a regular file.
+    #[error("member {member} of {archive} is not a regular file")]
+    NotAFile {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path, as named.
+        member: String,
+    },
+    /// A member path or link leads outside the archive.
+    #[error("member {member} of {archive} leads outside the archive")]
+    Escape {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path, as named.
+        member: String,
+    },
+    /// Too many links, or a loop.
+    #[error("member {member} of {archive} goes through more than {MAX_LINKS} links")]
+    LinkDepth {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path, as named.
+        member: String,
+    },
+    /// A member with an absolute path or `..` in its path.
+    #[error("{archive} has a member with an unsafe path: {member}")]
+    UnsafeMember {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+    },
+    /// A document is larger than [`MAX_DOCUMENT_SIZE`].
+    #[error("member {member} of {archive} is {size} bytes, more than the {MAX_DOCUMENT_SIZE} allowed for a JSON document")]
+    TooLarge {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+        /// Its size.
+        size: u64,
+    },
+    /// The archive is not the same between the two passes over it.
+    #[error("{archive} changed while it was being read")]
+    Changed {
+        /// The archive.
+        archive: PathBuf,
+    },
+    /// A member whose name is a digest does not hash to it.
+    #[error("member {member} of {archive} has digest {actual}, not the {expected} its name gives")]
+    Digest {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+        /// The digest its name gives.
+        expected: String,
+        /// The digest of its bytes.
+        actual: String,
+    },
+    /// The configuration does not parse.
+    #[error("config {member} of {archive} is not a valid image configuration: {reason}")]
+    InvalidConfig {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+        /// Why.
+        reason: String,
+    },
+    /// The configuration's `rootfs.diff_ids` do not match the layer list.
+    #[error("config {member} of {archive} lists {diff_ids} diff_ids, but manifest.json lists {layers} layers")]
+    DiffIdCount {
+        /// The archive.
+        archive: PathBuf,
+        /// The config member.
+        member: String,
+        /// How many diff_ids.
+        diff_ids: usize,
+        /// How many layers.
+        layers: usize,
+    },
+    /// An uncompressed layer whose digest is not its DiffID.
+    #[error("layer {member} of {archive} is an uncompressed tar with digest {digest}, but the config gives diff_id {diff_id}")]
+    DiffId {
+        /// The archive.
+        archive: PathBuf,
+        /// The layer member.
+        member: String,
+        /// Its digest.
+        digest: String,
+        /// The DiffID the config gives.
+        diff_id: String,
+    },
+    /// A layer that is neither a tar nor a compressed tar.
+    #[error("layer {member} of {archive} is neither a tar nor gzip- or zstd-compressed")]
+    NotALayer {
+        /// The archive.
+        archive: PathBuf,
+        /// The layer member.
+        member: String,
+    },
+}
+
+/// One entry of `manifest.json`.
+#[derive(Debug, Deserialize)]
+struct ManifestItem {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers", default)]
+    layers: Option<Vec<String>>,
+}
+
+impl ManifestItem {
+    fn tags(&self) -> &[String] {
+        self.repo_tags.as_deref().unwrap_or_default()
+    }
+}
+
+/// A member seen in the first pass.
+#[derive(Debug, Clone)]
+struct Indexed {
+    index: usize,
+    kind: Kind,
+    size: u64,
+}
+
+/// A layer blob copied into the cache.
+#[derive(Debug, Clone)]
+struct Stored {
+    digest: Digest,
+    size: u64,
+    head: Vec<u8>,
+    path: PathBuf,
 }
 
 /// Resolves an image from a `docker save` archive; layers are copied into the cache.
-pub fn resolve(path: &Path, _selector: Option<&str>, _cache: &Cache) -> Result<Image, DockerArchiveError> {
-    Err(DockerArchiveError::Unsupported(path.display().to_string()))
+///
+/// `selector` is a `REPO:TAG` among the archive's `RepoTags` or `@N`, the image's position
+/// in `manifest.json`; without one, the archive must hold exactly one image.
+pub fn resolve(
+    path: &Path,
+    selector: Option<&str>,
+    cache: &Cache,
+) -> Result<Image, DockerArchiveError> {
+    let archive = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let scan_error = |e: ScanError<DockerArchiveError>| match e {
+        ScanError::Io(source) => DockerArchiveError::Io {
+            path: archive.clone(),
+            source,
+        },
+        ScanError::Unsafe(member) => DockerArchiveError::UnsafeMember {
+            archive: archive.clone(),
+            member,
+        },
+        ScanError::Visit(e) => e,
+    };
+
+    // Pass 1: the member index and manifest.json.
+    let mut members: HashMap<String, Indexed> = HashMap::new();
+    let mut manifest = None;
+    scan_archive(path, |m| {
+        if m.name == "manifest.json" && m.kind == Kind::File {
+            manifest = Some(read_document(&archive, &m.name, m.data, m.size)?);
+        }
+        members.insert(
+            m.name,
+            Indexed {
+                index: m.index,
+                kind: m.kind,
+                size: m.size,
+            },
+        );
+        Ok(ControlFlow::Continue(()))
+    })
+    .map_err(scan_error)?;
+    let Some(manifest) = manifest else {
+        return Err(DockerArchiveError::NoManifest { archive });
+    };
+    let items: Option<Vec<ManifestItem>> =
+        serde_json::from_slice(&manifest).map_err(|e| DockerArchiveError::InvalidManifest {
+            archive: archive.clone(),
+            reason: e.to_string(),
+        })?;
+    let items = items.unwrap_or_default();
+    let item = choose(&items, selector, &archive)?;
+    let layer_names = item.layers.as_deref().unwrap_or_default();
+
+    let locate = |name: &str| -> Result<(String, &Indexed), DockerArchiveError> {
+        let (canonical, m) =
+            resolve_member(&members, name).map_err(|e| e.into_error(&archive, name))?;
+        Ok((canonical, m))
+    };
+    let (config_path, config_member) = locate(&item.config)?;
+    if config_member.size > MAX_DOCUMENT_SIZE {
+        return Err(DockerArchiveError::TooLarge {
+            archive,
+            member: item.config.clone(),
+            size: config_member.size,
+        });
+    }
+    let config_index = config_member.index;
+    let mut layer_members = Vec::with_capacity(layer_names.len());
+    for name in layer_names {
+        let (canonical, m) = locate(name)?;
+        layer_members.push((canonical, m.index, m.size));
+    }
+    let wanted: HashSet<usize> = layer_members.iter().map(|(_, i, _)| *i).collect();
+
+    // Pass 2: the config in memory, the layers into the cache.
+    let mut config = None;
+    let mut stored: HashMap<usize, Stored> = HashMap::new();
+    let sizes: HashMap<usize, u64> = layer_members
+        .iter()
+        .map(|(_, i, s)| (*i, *s))
+        .chain([(config_index, config_member.size)])
+        .collect();
+    let changed = || DockerArchiveError::Changed {
+        archive: archive.clone(),
+    };
+    scan_archive(path, |m| {
+        if m.index != config_index && !wanted.contains(&m.index) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        if m.kind != Kind::File || sizes.get(&m.index) != Some(&m.size) {
+            return Err(changed());
+        }
+        if m.index == config_index {
+            let bytes = read_document(&archive, &m.name, m.data, m.size)?;
+            if wanted.contains(&m.index) {
+                stored.insert(
+                    m.index,
+                    store_blob(cache, &archive, &m.name, &mut &bytes[..], m.size)?,
+                );
+            }
+            config = Some(bytes);
+        } else {
+            stored.insert(
+                m.index,
+                store_blob(cache, &archive, &m.name, m.data, m.size)?,
+            );
+        }
+        if config.is_some() && wanted.iter().all(|i| stored.contains_key(i)) {
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    })
+    .map_err(scan_error)?;
+    let config_bytes = config.ok_or_else(changed)?;
+
+    // The configuration: verified against its name when that is a digest, then parsed.
+    let config_digest = sha256(&config_bytes);
+    for name in [item.config.as_str(), config_path.as_str()] {
+        if let Some(expected) = implied_config_digest(name) {
+            let actual = digest_of(&config_bytes, &expected);
+            if actual != expected {
+                return Err(DockerArchiveError::Digest {
+                    archive,
+                    member: name.to_string(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+    }
+    let (config, diff_ids) = super::layout::parse_config(&config_bytes).map_err(|reason| {
+        DockerArchiveError::InvalidConfig {
+            archive: archive.clone(),
+            member: item.config.clone(),
+            reason,
+        }
+    })?;
+    if diff_ids.len() != layer_members.len() {
+        return Err(DockerArchiveError::DiffIdCount {
+            archive,
+            member: item.config.clone(),
+            diff_ids: diff_ids.len(),
+            layers: layer_members.len(),
+        });
+    }
+
+    let mut layers = Vec::with_capacity(layer_members.len());
+    for ((name, (canonical, index, _)), diff_id) in
+        layer_names.iter().zip(&layer_members).zip(diff_ids)
+    {
+        let blob = stored.get(index).ok_or_else(changed)?;
+        for n in [name.as_str(), canonical.as_str()] {
+            let Some(expected) = blob_name_digest(n) else {
+                continue;
+            };
+            let actual = if expected.algorithm() == blob.digest.algorithm() {
+                blob.digest.clone()
+            } else {
+                rehash(&blob.path, &expected).map_err(|source| DockerArchiveError::Io {
+                    path: blob.path.clone(),
+                    source,
+                })?
+            };
+            if actual != expected {
+                return Err(DockerArchiveError::Digest {
+                    archive,
+                    member: n.to_string(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        let compression = sniff_layer(&blob.head).ok_or_else(|| DockerArchiveError::NotALayer {
+            archive: archive.clone(),
+            member: name.clone(),
+        })?;
+        // An uncompressed layer's DiffID is its digest: check it while it costs nothing.
+        if compression == Compression::None && blob.digest != diff_id {
+            return Err(DockerArchiveError::DiffId {
+                archive,
+                member: name.clone(),
+                digest: blob.digest.to_string(),
+                diff_id: diff_id.to_string(),
+            });
+        }
+        layers.push(Layer {
+            digest: blob.digest.clone(),
+            size: blob.size,
+            media_type: layer_media_type(compression).to_string(),
+            compression,
+            diff_id,
+            path: blob.path.clone(),
+        });
+    }
+
+    let source = Source::DockerArchive {
+        path: archive.clone(),
+        selector: selector.map(str::to_string),
+    };
+    Ok(Image {
+        source: source.to_string(),
+        name: Source::DockerArchive {
+            path: path.to_path_buf(),
+            selector: None,
+        }
+        .name(),
+        manifest_digest: config_digest.clone(),
+        config,
+        config_digest,
+        layers,
+    })
+}
+
+/// The media type a `docker save` layer would have in a Docker schema 2 manifest (Docker has
+/// no zstd type; OCI's is used).
+fn layer_media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "application/vnd.docker.image.rootfs.diff.tar",
+        Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    }
+}
+
+/// The compression of a layer from its first bytes; a tar without the `ustar` magic (the
+/// old v7 format) is recognised by its header checksum.
+fn sniff_layer(head: &[u8]) -> Option<Compression> {
+    Compression::sniff(head).or_else(|| {
+        let header = head.get(..512)?;
+        let stored = tar::Header::from_byte_slice(header).cksum().ok()?;
+        let sum: u32 = header
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(*b)
+                }
+            })
+            .sum();
+        (stored == sum).then_some(Compression::None)
+    })
+}
+
+/// Picks the item of `manifest.json` the selector names.
+fn choose<'a>(
+    items: &'a [ManifestItem],
+    selector: Option<&str>,
+    archive: &Path,
+) -> Result<&'a ManifestItem, DockerArchiveError> {
+    let describe = |picked: &mut dyn Iterator<Item = usize>| -> String {
+        picked
+            .map(|i| {
+                let tags = items[i].tags();
+                if tags.is_empty() {
+                    format!("untagged image @{i} (config {})", items[i].config)
+                } else {
+                    format!("{} (@{i})", tags.join(", "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let Some(selector) = selector else {
+        return match items {
+            [] => Err(DockerArchiveError::NoImages {
+                archive: archive.to_path_buf(),
+            }),
+            [one] => Ok(one),
+            _ => Err(DockerArchiveError::Ambiguous {
+                archive: archive.to_path_buf(),
+                count: items.len(),
+                images: describe(&mut (0..items.len())),
+            }),
+        };
+    };
+    if items.is_empty() {
+        return Err(DockerArchiveError::NoImages {
+            archive: archive.to_path_buf(),
+        });
+    }
+    let not_found = || DockerArchiveError::NotFound {
+        archive: archive.to_path_buf(),
+        selector: selector.to_string(),
+        images: describe(&mut (0..items.len())),
+    };
+    if let Some(n) = selector.strip_prefix('@') {
+        let n: usize = n.parse().map_err(|_| not_found())?;
+        return items.get(n).ok_or_else(not_found);
+    }
+    let mut found: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].tags().iter().any(|t| t == selector))
+        .collect();
+    if found.is_empty() {
+        // skopeo compares the normalised names (`busybox:1` is `docker.io/library/busybox:1`).
+        if let Some(want) = normalise(selector) {
+            found = (0..items.len())
+                .filter(|&i| {
+                    items[i]
+                        .tags()
+                        .iter()
+                        .any(|t| normalise(t).as_ref() == Some(&want))
+                })
+                .collect();
+        }
+    }
+    let mut configs: Vec<&str> = found.iter().map(|&i| items[i].config.as_str()).collect();
+    configs.dedup();
+    match (found.first(), configs.len()) {
+        (None, _) => Err(not_found()),
+        (Some(&i), 1) => Ok(&items[i]),
+        _ => Err(DockerArchiveError::AmbiguousSelector {
+            archive: archive.to_path_buf(),
+            selector: selector.to_string(),
+            images: describe(&mut found.into_iter()),
+        }),
+    }
+}
+
+fn normalise(name: &str) -> Option<String> {
+    name.parse::<ImageRef>().ok().map(|r| r.to_string())
+}
+
+/// Why a member path could not be resolved.
+#[derive(Debug, PartialEq, Eq)]
+enum LinkError {
+    Missing,
+    NotAFile,
+    Escape,
+    Depth,
+}
+
+impl LinkError {
+    fn into_error(self, archive: &Path, member: &str) -> DockerArchiveError {
+        let archive = archive.to_path_buf();
+        let member = member.to_string();
+        match self {
+            Self::Missing => DockerArchiveError::Missing { archive, member },
+            Self::NotAFile => DockerArchiveError::NotAFile { archive, member },
+            Self::Escape => DockerArchiveError::Escape { archive, member },
+            Self::Depth => DockerArchiveError::LinkDepth { archive, member },
+        }
+    }
+}
+
+/// Resolves `path` to the regular-file member it names, following symbolic links (relative
+/// to the link's directory; absolute ones from the archive's root, as `docker load` scopes
+/// them) and hard links (from the root), in every component, never above the root.
+fn resolve_member<'a>(
+    members: &'a HashMap<String, Indexed>,
+    path: &str,
+) -> Result<(String, &'a Indexed), LinkError> {
+    let mut queue: VecDeque<String> = path.split('/').map(str::to_string).collect();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = queue.pop_front() {
+        match c.as_str() {
+            "" | "." => continue,
+            ".." => {
+                resolved.pop().ok_or(LinkError::Escape)?;
+                continue;
+            }
+            _ => resolved.push(c),
+        }
+        let target = match members.get(&resolved.join("/")).map(|m| &m.kind) {
+            Some(Kind::Symlink(t)) => {
+                resolved.pop();
+                if t.starts_with('/') {
+                    resolved.clear();
+                }
+                t
+            }
+            Some(Kind::Hardlink(t)) => {
+                resolved.clear();
+                t
+            }
+            _ => continue,
+        };
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(LinkError::Depth);
+        }
+        for c in target.split('/').rev() {
+            queue.push_front(c.to_string());
+        }
+    }
+    let name = resolved.join("/");
+    match members.get(&name) {
+        None => Err(LinkError::Missing),
+        Some(m) if m.kind == Kind::File => Ok((name, m)),
+        Some(_) => Err(LinkError::NotAFile),
+    }
+}
+
+/// The digest a config member's name gives: `<hex>.json` (docker), `sha256:<hex>`
+/// (go-containerregistry) or `blobs/<alg>/<hex>` (docker 25 and later).
+fn implied_config_digest(name: &str) -> Option<Digest> {
+    if let Some(d) = blob_name_digest(name) {
+        return Some(d);
+    }
+    let last = name.rsplit('/').next()?;
+    if let Some(hex) = last.strip_suffix(".json") {
+        return format!("sha256:{hex}").parse().ok();
+    }
+    last.strip_prefix("sha256:")
+        .and_then(|hex| format!("sha256:{hex}").parse().ok())
+}
+
+/// The digest of an OCI-layout style member name, `blobs/<alg>/<hex>`, if it is one with an
+/// algorithm the cache can verify.
+pub(super) fn blob_name_digest(name: &str) -> Option<Digest> {
+    let mut parts = name.split('/').filter(|p| !p.is_empty() && *p != ".");
+    let (Some("blobs"), Some(alg), Some(hex), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let d: Digest = format!("{alg}:{hex}").parse().ok()?;
+    Hasher::for_digest(&d).ok().map(|_| d)
+}
+
+fn sha256(bytes: &[u8]) -> Digest {
+    let mut h = Hasher::sha256();
+    h.update(bytes);
+    h.finish()
+}
+
+fn digest_of(bytes: &[u8], like: &Digest) -> Digest {
+    let mut h = Hasher::for_digest(like).unwrap_or_else(|_| Hasher::sha256());
+    h.update(bytes);
+    h.finish()
+}
+
+fn rehash(path: &Path, like: &Digest) -> io::Result<Digest> {
+    let f = File::open(path)?;
+    crate::cache::digest_reader(BufReader::new(f), like)
+        .map(|(d, _)| d)
+        .map_err(io::Error::other)
+}
+
+/// Reads a JSON member into memory, refusing one larger than [`MAX_DOCUMENT_SIZE`].
+fn read_document(
+    archive: &Path,
+    member: &str,
+    data: &mut dyn Read,
+    size: u64,
+) -> Result<Vec<u8>, DockerArchiveError> {
+    read_member(data, size, MAX_DOCUMENT_SIZE)
+        .map_err(|source| DockerArchiveError::Io {
+            path: archive.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| DockerArchiveError::TooLarge {
+            archive: archive.to_path_buf(),
+            member: member.to_string(),
+            size,
+        })
+}
+
+/// Copies a member into the cache under the sha256 of its bytes, keeping its first bytes
+/// for sniffing the compression.
+fn store_blob(
+    cache: &Cache,
+    archive: &Path,
+    member: &str,
+    data: &mut dyn Read,
+    size: u64,
+) -> Result<Stored, DockerArchiveError> {
+    let tmp_dir = cache.tmp_dir();
+    let write_error = |path: &Path, source| DockerArchiveError::Write {
+        archive: archive.to_path_buf(),
+        member: member.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| write_error(&tmp_dir, e))?;
+    let tmp_path = tmp.path().to_path_buf();
+    let mut out = io::BufWriter::with_capacity(256 * 1024, tmp);
+    let mut hasher = Hasher::sha256();
+    let mut head = Vec::with_capacity(512);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(DockerArchiveError::Io {
+                    path: archive.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let chunk = &buf[..k];
+        if head.len() < 512 {
+            head.extend_from_slice(&chunk[..chunk.len().min(512 - head.len())]);
+        }
+        hasher.update(chunk);
+        out.write_all(chunk)
+            .map_err(|e| write_error(&tmp_path, e))?;
+        n += k as u64;
+    }
+    if n != size {
+        return Err(DockerArchiveError::Io {
+            path: archive.to_path_buf(),
+            source: truncated(member, size, n),
+        });
+    }
+    let digest = hasher.finish();
+    let dest = cache.blob_path(&digest);
+    let tmp = out
+        .into_inner()
+        .map_err(|e| write_error(&tmp_path, e.into_error()))?;
+    tmp.persist(&dest)
+        .map_err(|e| write_error(&dest, e.error))?;
+    Ok(Stored {
+        digest,
+        size,
+        head,
+        path: dest,
+    })
+}
+
+fn truncated(member: &str, size: u64, got: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("member {member} ends after {got} of its {size} bytes"),
+    )
+}
+
+// Tar reading shared by the archive transports.
+
+/// What a tar member is, as far as reading an image archive cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link, with its target as written.
+    Symlink(String),
+    /// A hard link, with the archive path of its target as written.
+    Hardlink(String),
+    /// Anything else (devices, fifos, names that are not UTF-8).
+    Other,
+}
+
+/// One member of an archive, as the scan hands it over.
+pub(super) struct Member<'a> {
+    /// Its position among the members (stable across scans of the same archive).
+    pub index: usize,
+    /// Its path, normalised: relative, no `.` or empty components.
+    pub name: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Its size in bytes (regular files).
+    pub size: u64,
+    /// Its contents; what the visitor does not read is skipped.
+    pub data: &'a mut dyn Read,
+}
+
+/// Errors of [`scan_archive`], for the caller to wrap.
+#[derive(Debug)]
+pub(super) enum ScanError<E> {
+    /// Reading the archive failed.
+    Io(io::Error),
+    /// A member has an absolute path or `..` in its path.
+    Unsafe(String),
+    /// From the visitor.
+    Visit(E),
+}
+
+/// Streams the tar archive at `path` (plain, gzip or zstd; skipping over unread contents
+/// when it is plain) and hands each member to `visit`, which may stop the scan. Members with
+/// an absolute path or a `..` component are refused; the root entry and pax global headers
+/// are skipped.
+pub(super) fn scan_archive<E>(
+    path: &Path,
+    mut visit: impl FnMut(Member<'_>) -> Result<ControlFlow<()>, E>,
+) -> Result<(), ScanError<E>> {
+    let mut file = File::open(path).map_err(ScanError::Io)?;
+    let mut head = [0u8; 4];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ScanError::Io(e)),
+        }
+    }
+    file.rewind().map_err(ScanError::Io)?;
+    let reader = BufReader::with_capacity(64 * 1024, file);
+    match Compression::sniff(&head[..n]) {
+        Some(Compression::Gzip) => {
+            let mut a = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
+            walk(a.entries().map_err(ScanError::Io)?, &mut visit)
+        }
+        Some(Compression::Zstd) => {
+            let dec = zstd::Decoder::with_buffer(reader).map_err(ScanError::Io)?;
+            let mut a = tar::Archive::new(dec);
+            walk(a.entries().map_err(ScanError::Io)?, &mut visit)
+        }
+        _ => {
+            let mut a = tar::Archive::new(reader);
+            walk(a.entries_with_seek().map_err(ScanError::Io)?, &mut visit)
+        }
+    }
+}
+
+fn walk<R: Read, E>(
+    entries: tar::Entries<'_, R>,
+    visit: &mut impl FnMut(Member<'_>) -> Result<ControlFlow<()>, E>,
+) -> Result<(), ScanError<E>> {
+    use tar::EntryType as T;
+    for (index, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(ScanError::Io)?;
+        let entry_type = entry.header().entry_type();
+        if matches!(
+            entry_type,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
+            continue;
+        }
+        let raw = entry.path_bytes().into_owned();
+        let name = match member_name(&raw) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(()) => {
+                return Err(ScanError::Unsafe(
+                    String::from_utf8_lossy(&raw).into_owned(),
+                ))
+            }
+        };
+        let link = || {
+            entry
+                .link_name_bytes()
+                .and_then(|l| String::from_utf8(l.into_owned()).ok())
+        };
+        let kind = match entry_type {
+            T::Regular | T::Continuous | T::GNUSparse => Kind::File,
+            T::Directory => Kind::Dir,
+            T::Symlink => link().map_or(Kind::Other, Kind::Symlink),
+            T::Link => link().map_or(Kind::Other, Kind::Hardlink),
+            _ => Kind::Other,
+        };
+        let size = entry.size();
+        let flow = visit(Member {
+            index,
+            name,
+            kind,
+            size,
+            data: &mut entry,
+        })
+        .map_err(ScanError::Visit)?;
+        if flow.is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Normalises a member path: `Ok(None)` for the root entry and for names that are not
+/// UTF-8 (no JSON document can name them), `Err` for absolute paths and `..` components.
+pub(super) fn member_name(raw: &[u8]) -> Result<Option<String>, ()> {
+    let Ok(s) = std::str::from_utf8(raw) else {
+        return Ok(None);
+    };
+    if s.starts_with('/') {
+        return Err(());
+    }
+    let mut parts = Vec::new();
+    for c in s.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(()),
+            c => parts.push(c),
+        }
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
+/// Reads a whole member of `size` bytes if it is at most `cap`; `Ok(None)` if larger.
+pub(super) fn read_member(data: &mut dyn Read, size: u64, cap: u64) -> io::Result<Option<Vec<u8>>> {
+    if size > cap {
+        return Ok(None);
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    data.take(cap + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("a member ends after {} of its {size} bytes", buf.len()),
+        ));
+    }
+    Ok(Some(buf))
 }
