@@ -76,7 +76,7 @@ pub enum DockerArchiveError {
         archive: PathBuf,
     },
     /// Several images and no selector.
-    #[error("{archive} holds {count} images; pick one with docker-archive:{archive}:REPO:TAG or docker-archive:{archive}:@N (it has: {images})")]
+    #[error("{archive} holds {count} images; name one as docker-archive:FILE:REPO:TAG or docker-archive:FILE:@N (it has: {images})")]
     Ambiguous {
         /// The archive.
         archive: PathBuf,
@@ -947,4 +947,544 @@ pub(super) fn read_member(data: &mut dyn Read, size: u64, cap: u64) -> io::Resul
         ));
     }
     Ok(Some(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    pub(crate) enum M<'a> {
+        File(&'a str, Vec<u8>),
+        Dir(&'a str),
+        Symlink(&'a str, &'a str),
+        Hardlink(&'a str, &'a str),
+    }
+
+    /// A tar of `members`; names are written as given, even unsafe ones.
+    pub(crate) fn tar_of(members: &[M<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for m in members {
+            let mut h = tar::Header::new_ustar();
+            let (name, data, link): (&str, &[u8], Option<&str>) = match m {
+                M::File(n, d) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    (n, d, None)
+                }
+                M::Dir(n) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    (n, &[], None)
+                }
+                M::Symlink(n, t) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    (n, &[], Some(t))
+                }
+                M::Hardlink(n, t) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    (n, &[], Some(t))
+                }
+            };
+            let old = h.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(t) = link {
+                old.linkname[..t.len()].copy_from_slice(t.as_bytes());
+            }
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A layer: a tar holding one file.
+    pub(crate) fn layer(file: &str, content: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, file, content).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    pub(crate) fn config(diff_ids: &[&Digest]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids.iter().map(|d| d.to_string()).collect::<Vec<_>>()},
+        }))
+        .unwrap()
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        cache: Cache,
+        archive: PathBuf,
+    }
+
+    fn fixture(members: &[M<'_>]) -> Fixture {
+        fixture_bytes(&tar_of(members))
+    }
+
+    fn fixture_bytes(bytes: &[u8]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(&dir.path().join("cache"))).unwrap();
+        let archive = dir.path().join("saved.tar");
+        std::fs::write(&archive, bytes).unwrap();
+        Fixture {
+            _dir: dir,
+            cache,
+            archive,
+        }
+    }
+
+    impl Fixture {
+        fn resolve(&self, selector: Option<&str>) -> Result<Image, DockerArchiveError> {
+            resolve(&self.archive, selector, &self.cache)
+        }
+    }
+
+    /// Two images sharing their first layer, which the second names through a symlink (as
+    /// older docker saves do), with the manifest last.
+    fn two_images() -> Vec<u8> {
+        let base = layer("foo", b"foo\n");
+        let top = layer("bar", b"bar\n");
+        let (base_d, top_d) = (sha256(&base), sha256(&top));
+        let c1 = config(&[&base_d]);
+        let c2 = config(&[&base_d, &top_d]);
+        let (c1n, c2n) = (
+            format!("{}.json", sha256(&c1).digest()),
+            format!("{}.json", sha256(&c2).digest()),
+        );
+        let manifest = serde_json::json!([
+            {"Config": c1n, "RepoTags": ["example.com/app:1", "app:latest"], "Layers": ["aaa/layer.tar"]},
+            {"Config": c2n, "RepoTags": ["example.com/app:2"], "Layers": ["bbb/layer.tar", "ccc/layer.tar"]},
+        ]);
+        tar_of(&[
+            M::Dir("aaa/"),
+            M::File("aaa/layer.tar", base),
+            M::Dir("bbb/"),
+            M::Symlink("bbb/layer.tar", "../aaa/layer.tar"),
+            M::File("ccc/layer.tar", top),
+            M::File(&c1n, c1),
+            M::File(&c2n, c2),
+            M::File("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ])
+    }
+
+    #[test]
+    fn selects_by_tag_normalised_tag_and_position() {
+        let f = fixture_bytes(&two_images());
+        let one = f.resolve(Some("example.com/app:1")).unwrap();
+        assert_eq!(one.layers.len(), 1);
+        assert_eq!(one.manifest_digest, one.config_digest);
+        assert_eq!(one.name, "saved");
+        assert!(one.source.starts_with("docker-archive:/"), "{}", one.source);
+        assert!(
+            one.source.ends_with("saved.tar:example.com/app:1"),
+            "{}",
+            one.source
+        );
+        // `app:latest` in the archive is `docker.io/library/app:latest`.
+        let by_full = f.resolve(Some("docker.io/library/app:latest")).unwrap();
+        assert_eq!(by_full.config_digest, one.config_digest);
+        let by_short = f.resolve(Some("app")).unwrap();
+        assert_eq!(by_short.config_digest, one.config_digest);
+        let two = f.resolve(Some("@1")).unwrap();
+        assert_eq!(two.layers.len(), 2);
+        assert_eq!(two.layers[0].digest, one.layers[0].digest);
+        assert_eq!(two.layers[0].path, one.layers[0].path);
+        for l in &two.layers {
+            assert_eq!(l.compression, Compression::None);
+            assert_eq!(l.media_type, "application/vnd.docker.image.rootfs.diff.tar");
+            assert_eq!(l.diff_id, l.digest);
+            let bytes = std::fs::read(&l.path).unwrap();
+            assert_eq!(sha256(&bytes), l.digest);
+            assert_eq!(bytes.len() as u64, l.size);
+        }
+
+        let e = f.resolve(None).unwrap_err();
+        assert!(
+            matches!(e, DockerArchiveError::Ambiguous { count: 2, .. }),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("example.com/app:1, app:latest (@0); example.com/app:2 (@1)"),
+            "{msg}"
+        );
+        for bad in ["example.com/app:3", "@2", "@x"] {
+            let e = f.resolve(Some(bad)).unwrap_err();
+            assert!(matches!(e, DockerArchiveError::NotFound { .. }), "{e}");
+            assert!(e.to_string().contains("example.com/app:2 (@1)"), "{e}");
+        }
+    }
+
+    #[test]
+    fn links_are_followed_inside_the_archive_only() {
+        let l = layer("f", b"x");
+        let c = config(&[&sha256(&l)]);
+        let build = |members: Vec<M<'_>>, layer: &str| {
+            let mut members = members;
+            let manifest =
+                serde_json::json!([{"Config": "c.json", "RepoTags": null, "Layers": [layer]}]);
+            members.push(M::File("c.json", c.clone()));
+            members.push(M::File(
+                "manifest.json",
+                serde_json::to_vec(&manifest).unwrap(),
+            ));
+            fixture(&members)
+        };
+        // A hard link, an absolute symlink (scoped to the archive root, as docker load does),
+        // and a symlinked directory component.
+        for (members, name) in [
+            (
+                vec![
+                    M::File("real", l.clone()),
+                    M::Hardlink("x/layer.tar", "real"),
+                ],
+                "x/layer.tar",
+            ),
+            (
+                vec![
+                    M::File("a/real", l.clone()),
+                    M::Symlink("b/layer.tar", "/a/real"),
+                ],
+                "b/layer.tar",
+            ),
+            (
+                vec![M::File("a/real", l.clone()), M::Symlink("d", "a")],
+                "./d/real",
+            ),
+        ] {
+            let img = build(members, name).resolve(None).unwrap();
+            assert_eq!(img.layers[0].digest, sha256(&l), "{name}");
+        }
+        let escape = build(vec![M::Symlink("x/layer.tar", "../../real")], "x/layer.tar");
+        let e = escape.resolve(None).unwrap_err();
+        assert!(matches!(e, DockerArchiveError::Escape { .. }), "{e}");
+        assert!(e.to_string().contains("member x/layer.tar of "), "{e}");
+        let looped = build(vec![M::Symlink("a", "b"), M::Symlink("b", "a")], "a");
+        assert!(matches!(
+            looped.resolve(None).unwrap_err(),
+            DockerArchiveError::LinkDepth { .. }
+        ));
+        let dangling = build(vec![M::Symlink("a", "nowhere")], "a");
+        assert!(matches!(
+            dangling.resolve(None).unwrap_err(),
+            DockerArchiveError::Missing { .. }
+        ));
+        let dir = build(vec![M::Dir("a/")], "a");
+        assert!(matches!(
+            dir.resolve(None).unwrap_err(),
+            DockerArchiveError::NotAFile { .. }
+        ));
+    }
+
+    #[test]
+    fn compressed_layers_and_archives() {
+        let raw = layer("f", b"hello");
+        let gz = gzip(&raw);
+        let zst = zstd::encode_all(&raw[..], 3).unwrap();
+        let c = config(&[&sha256(&raw), &sha256(&raw)]);
+        let manifest =
+            serde_json::json!([{"Config": "c.json", "Layers": ["l1.tar.gz", "l2.tar.zst"]}]);
+        let tar = tar_of(&[
+            M::File("l1.tar.gz", gz.clone()),
+            M::File("l2.tar.zst", zst.clone()),
+            M::File("c.json", c),
+            M::File("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ]);
+        // The archive itself gzip-compressed (`docker save | gzip`).
+        for bytes in [tar.clone(), gzip(&tar)] {
+            let f = fixture_bytes(&bytes);
+            let img = f.resolve(None).unwrap();
+            let [a, b] = &img.layers[..] else { panic!() };
+            assert_eq!(a.compression, Compression::Gzip);
+            assert_eq!(
+                a.media_type,
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            );
+            assert_eq!((a.digest.clone(), a.size), (sha256(&gz), gz.len() as u64));
+            assert_eq!(a.diff_id, sha256(&raw));
+            assert_eq!(b.compression, Compression::Zstd);
+            assert_eq!(b.digest, sha256(&zst));
+            assert_eq!(std::fs::read(&b.path).unwrap(), zst);
+        }
+    }
+
+    #[test]
+    fn broken_archives_are_refused() {
+        let l = layer("f", b"x");
+        let ld = sha256(&l);
+        let good_config = config(&[&ld]);
+        let manifest = |c: &str, layers: &[&str]| {
+            M::File(
+                "manifest.json",
+                serde_json::to_vec(&serde_json::json!([{"Config": c, "Layers": layers}])).unwrap(),
+            )
+        };
+        let err = |members: Vec<M<'_>>| fixture(&members).resolve(None).unwrap_err();
+
+        let e = err(vec![M::File("l.tar", l.clone())]);
+        assert!(
+            e.to_string()
+                .ends_with("has no manifest.json (not a docker save archive?)"),
+            "{e}"
+        );
+        for (body, null) in [(&b"null"[..], true), (b"[]", true), (b"{}", false)] {
+            let e = err(vec![M::File("manifest.json", body.to_vec())]);
+            if null {
+                assert!(matches!(e, DockerArchiveError::NoImages { .. }), "{e}");
+                assert!(e.to_string().ends_with("lists no image"), "{e}");
+            } else {
+                assert!(
+                    matches!(e, DockerArchiveError::InvalidManifest { .. }),
+                    "{e}"
+                );
+            }
+        }
+
+        // A config whose name is a digest it does not have.
+        let wrong = format!("{}.json", ld.digest());
+        let e = err(vec![
+            M::File("l.tar", l.clone()),
+            M::File(&wrong, good_config.clone()),
+            manifest(&wrong, &["l.tar"]),
+        ]);
+        assert!(matches!(e, DockerArchiveError::Digest { .. }), "{e}");
+        // A layer under blobs/sha256/ that is not what its name says.
+        let name = format!("blobs/sha256/{}", sha256(b"other").digest());
+        let e = err(vec![
+            M::File(&name, l.clone()),
+            M::File("c.json", good_config.clone()),
+            manifest("c.json", &[&name]),
+        ]);
+        assert!(matches!(e, DockerArchiveError::Digest { .. }), "{e}");
+
+        // diff_ids that do not match the layers.
+        let e = err(vec![
+            M::File("l.tar", l.clone()),
+            M::File("c.json", config(&[])),
+            manifest("c.json", &["l.tar"]),
+        ]);
+        assert!(
+            matches!(
+                e,
+                DockerArchiveError::DiffIdCount {
+                    diff_ids: 0,
+                    layers: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let other = sha256(b"other");
+        let e = err(vec![
+            M::File("l.tar", l.clone()),
+            M::File("c.json", config(&[&other])),
+            manifest("c.json", &["l.tar"]),
+        ]);
+        assert!(matches!(e, DockerArchiveError::DiffId { .. }), "{e}");
+
+        // Not a layer, not a config, missing members, unsafe names.
+        let e = err(vec![
+            M::File("l.tar", b"PK\x03\x04 not a tar".to_vec()),
+            M::File("c.json", good_config.clone()),
+            manifest("c.json", &["l.tar"]),
+        ]);
+        assert!(matches!(e, DockerArchiveError::NotALayer { .. }), "{e}");
+        let e = err(vec![
+            M::File("l.tar", l.clone()),
+            M::File("c.json", b"{}".to_vec()),
+            manifest("c.json", &["l.tar"]),
+        ]);
+        assert!(matches!(e, DockerArchiveError::InvalidConfig { .. }), "{e}");
+        let e = err(vec![
+            M::File("c.json", good_config.clone()),
+            manifest("c.json", &["l.tar"]),
+        ]);
+        assert!(e.to_string().ends_with("has no member l.tar"), "{e}");
+        for bad in ["../evil", "/etc/passwd", "a/../../b"] {
+            let e = err(vec![
+                M::File(bad, vec![]),
+                M::File("c.json", good_config.clone()),
+                manifest("c.json", &[]),
+            ]);
+            assert!(
+                matches!(e, DockerArchiveError::UnsafeMember { ref member, .. } if member == bad),
+                "{e}"
+            );
+        }
+        let e = err(vec![
+            M::File("c.json", vec![b' '; MAX_DOCUMENT_SIZE as usize + 1]),
+            manifest("c.json", &[]),
+        ]);
+        assert!(
+            matches!(e, DockerArchiveError::TooLarge { ref member, .. } if member == "c.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn v7_tar_layers_are_recognised() {
+        let mut l = layer("f", b"x");
+        l[257..265].fill(0); // strip the ustar magic and version
+        let header = tar::Header::from_byte_slice(&l[..512]);
+        let mut h = header.clone();
+        h.set_cksum();
+        l[..512].copy_from_slice(h.as_bytes());
+        assert_eq!(Compression::sniff(&l), None);
+        assert_eq!(sniff_layer(&l), Some(Compression::None));
+        l[0] ^= 1;
+        assert_eq!(sniff_layer(&l), None);
+    }
+
+    #[test]
+    fn member_names() {
+        assert_eq!(member_name(b"./a//b/./c"), Ok(Some("a/b/c".into())));
+        assert_eq!(member_name(b"./"), Ok(None));
+        assert_eq!(member_name(b"/x"), Err(()));
+        assert_eq!(member_name(b"a/../b"), Err(()));
+        assert_eq!(member_name(b"a/\xff"), Ok(None));
+        assert_eq!(
+            blob_name_digest(&("blobs/sha256/".to_string() + &"a".repeat(64)))
+                .map(|d| d.to_string()),
+            Some(format!("sha256:{}", "a".repeat(64)))
+        );
+        assert_eq!(blob_name_digest("blobs/sha256/zz"), None);
+        assert_eq!(blob_name_digest("blobs/md5/abc"), None);
+        assert!(implied_config_digest(&format!("sha256:{}", "b".repeat(64))).is_some());
+        assert!(implied_config_digest(&format!("x/{}.json", "b".repeat(64))).is_some());
+        assert!(implied_config_digest("config.json").is_none());
+    }
+
+    /// The go-containerregistry corpus (`../shared/conformance/go-containerregistry/`).
+    mod conformance {
+        use super::*;
+
+        fn corpus(name: &str) -> PathBuf {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/conformance/go-containerregistry")
+                .join(name)
+        }
+
+        /// Resolves with a fresh cache and checks what every good image must satisfy: each
+        /// layer file is its digest and size, and decompresses to its diff_id.
+        fn check(name: &str, selector: Option<&str>) -> Result<Image, DockerArchiveError> {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = Cache::open(Some(dir.path())).unwrap();
+            let img = resolve(&corpus(name), selector, &cache)?;
+            assert_eq!(
+                img.config.rootfs().diff_ids().len(),
+                img.layers.len(),
+                "{name}"
+            );
+            assert_eq!(img.manifest_digest, img.config_digest);
+            for l in &img.layers {
+                let bytes = std::fs::read(&l.path).unwrap();
+                assert_eq!(
+                    (sha256(&bytes), bytes.len() as u64),
+                    (l.digest.clone(), l.size),
+                    "{name}"
+                );
+                let tar = match l.compression {
+                    Compression::None => bytes,
+                    Compression::Gzip => {
+                        let mut out = Vec::new();
+                        flate2::read::MultiGzDecoder::new(&bytes[..])
+                            .read_to_end(&mut out)
+                            .unwrap();
+                        out
+                    }
+                    Compression::Zstd => zstd::decode_all(&bytes[..]).unwrap(),
+                };
+                assert_eq!(sha256(&tar), l.diff_id, "{name}: diff_id of {}", l.digest);
+                assert_eq!(
+                    Compression::from_media_type(&l.media_type, "d").unwrap(),
+                    l.compression
+                );
+            }
+            Ok(img)
+        }
+
+        #[test]
+        fn every_archive_resolves_as_expected() {
+            for (name, layers, compression) in [
+                ("hello-world-v25.tar", 1, Compression::None),
+                ("overwritten_file.tar", 3, Compression::None),
+                ("source_image.tar", 1, Compression::None),
+                ("test_image_1.tar", 1, Compression::None),
+                ("whiteout_image.tar", 3, Compression::None),
+                ("whiteout_dir.tar", 4, Compression::Gzip),
+            ] {
+                let img = check(name, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(img.layers.len(), layers, "{name}");
+                assert!(
+                    img.layers.iter().all(|l| l.compression == compression),
+                    "{name}"
+                );
+                assert_eq!(img.name, name.trim_end_matches(".tar"));
+            }
+            // docker 25's archive is also OCI-layout shaped: its config is named by digest.
+            let img = check("hello-world-v25.tar", None).unwrap();
+            assert_eq!(
+                img.config_digest.to_string(),
+                "sha256:ee301c921b8aadc002973b2e0c3da17d701dcd994b606769a7e6eaa100b81d44"
+            );
+        }
+
+        #[test]
+        fn test_link_needs_a_selector_and_follows_the_link() {
+            let one = check("test_link.tar", Some("bazel/v1/tarball:test_image_1")).unwrap();
+            assert_eq!(one.layers.len(), 1);
+            let three = check("test_link.tar", Some("bazel/v1/tarball:test_image_3")).unwrap();
+            assert_eq!(three.layers.len(), 2);
+            // Its first layer member is a symlink to test_image_1's layer.
+            assert_eq!(three.layers[0].digest, one.layers[0].digest);
+            assert_eq!(
+                three.layers[1].diff_id.to_string(),
+                "sha256:6b617a2706576ed038acdc3aa668cac62010386a5a3d227d83aada32085c9f29"
+            );
+            let normalised = check(
+                "test_link.tar",
+                Some("docker.io/bazel/v1/tarball:test_image_3"),
+            )
+            .unwrap();
+            assert_eq!(normalised.config_digest, three.config_digest);
+            let e = check("test_link.tar", None).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, DockerArchiveError::Ambiguous { count: 2, .. }),
+                "{msg}"
+            );
+            assert!(msg.contains("bazel/v1/tarball:test_image_1"), "{msg}");
+            assert!(msg.contains("bazel/v1/tarball:test_image_3"), "{msg}");
+        }
+
+        #[test]
+        fn broken_archives_are_refused() {
+            let e = check("no_manifest.tar", None).unwrap_err();
+            assert!(matches!(e, DockerArchiveError::NoManifest { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("no_manifest.tar has no manifest.json"),
+                "{e}"
+            );
+            let e = check("null_manifest.tar", None).unwrap_err();
+            assert!(matches!(e, DockerArchiveError::NoImages { .. }), "{e}");
+            assert!(
+                e.to_string().contains("null_manifest.tar lists no image"),
+                "{e}"
+            );
+        }
+    }
 }
