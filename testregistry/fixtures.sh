@@ -1,0 +1,405 @@
+#!/usr/bin/env bash
+# Builds the fixture images into one OCI image layout and pushes them to the test registries.
+#
+#   fixtures.sh path    print where the layout is (or will be) cached; builds nothing
+#   fixtures.sh build   build the layout unless it is cached; print its path
+#   fixtures.sh push    build, then push to the registries named by the OCI2UK_TEST_* variables
+#                       (up.sh sets them; by hand, source STATE_DIR/env first)
+#
+# The images come from real Debian packages and are written by tools that share no code with
+# oci2uk (umoci, skopeo, jq), so a test that compares oci2uk's result with them proves something.
+#
+# Layout tags:   busybox (linux/amd64)  busybox-arm64  multi (index of both)
+#                nginx (gzip)  nginx-zstd  nginx-raw (uncompressed layers); no nginx-docker,
+#                see build()
+# Registry names: busybox:latest busybox:arm64 multi:latest
+#                 nginx:latest nginx:zstd nginx:raw nginx:docker (Docker schema 2)
+#
+# The layout is cached under ${OCI2UK_FIXTURE_CACHE:-~/.cache/oci2uk-fixtures}/KEY/layout, KEY
+# being a hash of this script: debootstrap takes minutes, and an unchanged recipe gives the same
+# images, so only a change here rebuilds.
+set -Eeuo pipefail
+# set -e alone exits silently; say where.
+trap 'printf "fixtures: error: line %s: %s failed\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+script=$(readlink -f "${BASH_SOURCE[0]}")
+cache_root=${OCI2UK_FIXTURE_CACHE:-$HOME/.cache/oci2uk-fixtures}
+arch=$(dpkg --print-architecture)
+# The host architecture is part of the key because debootstrap builds the nginx image for it.
+key=$({ cat "$script"; echo "$arch"; } | sha256sum | cut -c1-16)
+final=$cache_root/$key
+layout=$final/layout
+
+log() { printf 'fixtures: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# The applets the busybox images link to. A fixed list rather than `busybox --list`, because the
+# arm64 binary cannot run here and both halves of the index should have the same tree.
+applets=(
+    ash awk basename cat chmod chown cp cut date dd df dirname du echo env expr false find grep
+    gzip head hostname id ip kill ln ls mkdir mount mv nc ping ps pwd readlink rm rmdir sed sh
+    sleep sort stat tail tar tee test touch tr true umount uname vi wc wget which xargs
+)
+
+# --- building -------------------------------------------------------------------------------
+
+# fetch_deb PACKAGE:ARCH DIR: download one Debian package and unpack it (not install it) into DIR.
+fetch_deb() {
+    local pkg=$1 dir=$2
+    mkdir -p "$dir/deb"
+    # apt drops privileges to _apt for downloads, which cannot write into our root-owned scratch
+    # directory; the download is verified against the signed index either way.
+    (cd "$dir" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2)
+    dpkg-deb -x "$dir"/*.deb "$dir/deb"
+}
+
+# build_busybox ARCH TAG: a one-layer image holding Debian's static busybox for ARCH.
+build_busybox() {
+    local barch=$1 tag=$2
+    local dir=$scratch/busybox-$barch
+    fetch_deb "busybox-static:$barch" "$dir"
+
+    umoci new --image "$oci:$tag"
+    umoci unpack --image "$oci:$tag" "$dir/bundle" >/dev/null
+    local root=$dir/bundle/rootfs
+    mkdir -p "$root/bin" "$root/etc" "$root/root" "$root/tmp"
+    chmod 0700 "$root/root"
+    chmod 1777 "$root/tmp"
+    cp -p "$dir/deb/bin/busybox" "$root/bin/busybox"
+    local applet
+    for applet in "${applets[@]}"; do
+        ln -s busybox "$root/bin/$applet"
+    done
+    # A passwd and group file give user-resolution tests names to resolve inside the image.
+    cat >"$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+daemon:x:1:1:daemon:/usr/sbin:/bin/false
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+    cat >"$root/etc/group" <<'EOF'
+root:x:0:
+daemon:x:1:
+nogroup:x:65534:
+EOF
+    umoci repack --image "$oci:$tag" --history.created_by "busybox-static:$barch from Debian bookworm" \
+        "$dir/bundle"
+    umoci config --image "$oci:$tag" --os linux --architecture "$barch" \
+        --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --config.cmd sh --history.created_by 'CMD ["sh"]'
+    rm -rf --one-file-system "$dir"
+}
+
+# The nginx image: a trimmed debootstrap base, an nginx layer that also deletes base content
+# (whiteouts), and a layer from `umoci insert --opaque` (an opaque directory).
+build_nginx() {
+    umoci new --image "$oci:nginx"
+
+    # Layer 1: Debian bookworm minbase, trimmed the way Debian's slim container images are.
+    local b1=$scratch/nginx-base
+    umoci unpack --image "$oci:nginx" "$b1" >/dev/null
+    local root=$b1/rootfs
+    log "debootstrap --variant=minbase bookworm (a minute or more)"
+    debootstrap --variant=minbase bookworm "$root" >"$scratch/debootstrap.log" 2>&1 ||
+        { tail -n 30 "$scratch/debootstrap.log" >&2; die "debootstrap failed"; }
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
+        "$root"/var/lib/dpkg/*-old "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+        "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/usr/share/lintian/* \
+        "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/* "$root"/var/tmp/*
+    # Device nodes come from the runtime (devtmpfs, in oci2uk's init), and the host's resolver
+    # and hostname, which debootstrap copied in, do not belong in an image.
+    rm -rf "$root"/dev/* "$root/etc/resolv.conf" "$root/etc/hostname"
+    # Keep later package installs from bringing the documentation back.
+    cat >"$root/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
+path-exclude /usr/share/doc/*
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+EOF
+    umoci repack --image "$oci:nginx" --history.created_by "debootstrap --variant=minbase bookworm" "$b1"
+    rm -rf --one-file-system "$b1"
+
+    # Layer 2: nginx from Debian, configured like the official image, plus deliberate deletions
+    # and hardlinks so that flatten has whiteouts and link groups to get right.
+    local b2=$scratch/nginx-app
+    umoci unpack --image "$oci:nginx" "$b2" >/dev/null
+    root=$b2/rootfs
+    # What apt and maintainer scripts need in the chroot, all removed again before repacking
+    # (they were not in layer 1, so removing them leaves no whiteout). Device nodes instead of a
+    # bind mount of /dev: nothing mounted means a failed build cannot delete through a mount.
+    mknod -m 0666 "$root/dev/null" c 1 3
+    mknod -m 0666 "$root/dev/zero" c 1 5
+    mknod -m 0666 "$root/dev/random" c 1 8
+    mknod -m 0666 "$root/dev/urandom" c 1 9
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    printf '#!/bin/sh\n# no services start while building an image\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 0755 "$root/usr/sbin/policy-rc.d"
+    log "installing nginx in the chroot"
+    local chroot_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8)
+    {
+        chroot "$root" "${chroot_env[@]}" apt-get update -q &&
+            chroot "$root" "${chroot_env[@]}" apt-get install -y -q --no-install-recommends nginx
+    } >"$scratch/apt.log" 2>&1 || { tail -n 30 "$scratch/apt.log" >&2; die "installing nginx failed"; }
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
+        "$root"/var/lib/dpkg/*-old "$root"/var/log/*.log "$root"/var/log/apt/* \
+        "$root"/dev/* "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
+
+    # As the official nginx image does, log to the container's stdout and stderr.
+    ln -sf /dev/stdout "$root/var/log/nginx/access.log"
+    ln -sf /dev/stderr "$root/var/log/nginx/error.log"
+    # Whiteouts: a file and a non-empty directory of layer 1.
+    rm "$root/etc/motd"
+    rm -r "$root/etc/cron.daily"
+    # A hardlink group of three, across two directories, made in this layer. (Layer 1 has its
+    # own: Debian ships usr/bin/perl and usr/bin/perl5.36.0, usr/bin/gunzip and
+    # usr/bin/uncompress as hardlinks.)
+    mkdir -p "$root/usr/local/share/oci2uk/links" "$root/usr/local/share/oci2uk/more-links"
+    printf 'one file, three names\n' >"$root/usr/local/share/oci2uk/links/a"
+    ln "$root/usr/local/share/oci2uk/links/a" "$root/usr/local/share/oci2uk/links/b"
+    ln "$root/usr/local/share/oci2uk/links/a" "$root/usr/local/share/oci2uk/more-links/c"
+    # An extended attribute, which umoci carries as a SCHILY.xattr pax record.
+    printf 'this file has the xattr user.oci2uk=fixture\n' >"$root/usr/local/share/oci2uk/xattr"
+    /usr/bin/python3 -c 'import os, sys; os.setxattr(sys.argv[1], "user.oci2uk", b"fixture")' \
+        "$root/usr/local/share/oci2uk/xattr"
+    umoci repack --image "$oci:nginx" --history.created_by "apt-get install nginx; rm /etc/motd /etc/cron.daily" "$b2"
+    rm -rf --one-file-system "$b2"
+
+    # Layer 3: replace the default site's content wholesale; `--opaque` writes
+    # var/www/html/.wh..wh..opq, so Debian's index.nginx-debian.html must disappear.
+    local html=$scratch/html
+    mkdir -p "$html"
+    printf '<!DOCTYPE html>\n<title>oci2uk</title>\n<p>Hello from the oci2uk nginx fixture.</p>\n' \
+        >"$html/index.html"
+    # umoci 0.4.7's insert ends its tar stream right after the last file's bytes: no padding to
+    # the 512-byte block, no end-of-archive blocks (GNU tar and Python's tarfile reject it; umoci
+    # itself does not notice). So insert into a scratch tag, complete the tar, and append it with
+    # `umoci raw add-layer`: the entries are still exactly the ones umoci insert wrote.
+    umoci insert --image "$oci:nginx" --tag opaque-scratch --opaque "$html" /var/www/html
+    local m
+    m=$(tag_digest opaque-scratch "$oci")
+    zcat "$oci/blobs/sha256/$(jq -r '.layers[-1].digest' "$oci/blobs/sha256/${m#sha256:}" | cut -d: -f2)" \
+        >"$scratch/opaque.tar"
+    complete_tar "$scratch/opaque.tar"
+    umoci rm --image "$oci:opaque-scratch"
+    umoci raw add-layer --image "$oci:nginx" --history.created_by "umoci insert --opaque html /var/www/html" \
+        "$scratch/opaque.tar"
+
+    umoci config --image "$oci:nginx" --os linux --architecture "$arch" \
+        --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --config.cmd nginx --config.cmd -g --config.cmd 'daemon off;' \
+        --config.exposedports 80/tcp --config.stopsignal SIGQUIT \
+        --config.label org.opencontainers.image.title=oci2uk-nginx-fixture \
+        --history.created_by 'CMD ["nginx" "-g" "daemon off;"]'
+}
+
+# complete_tar FILE: add the padding and end-of-archive blocks a truncated tar stream lacks.
+complete_tar() {
+    local file=$1 size
+    size=$(stat -c %s "$file")
+    # Already complete when block-aligned and ending in two zero blocks.
+    if ((size % 512 == 0 && size >= 1024)) && [[ -z $(tail -c 1024 "$file" | tr -d '\0') ]]; then
+        return
+    fi
+    head -c $(((512 - size % 512) % 512 + 1024)) /dev/zero >>"$file"
+}
+
+# tag_digest TAG LAYOUT: the digest of the manifest (or index) that TAG names in LAYOUT.
+tag_digest() {
+    jq -er --arg t "$1" \
+        '[.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t)] | first | .digest' \
+        "$2/index.json"
+}
+
+# add_index LAYOUT TAG: an image index of the two busybox images, written by hand with jq (the
+# OCI layout is plain files) and tagged TAG.
+add_index() {
+    local dir=$1 tag=$2
+    local entries=() t d size a
+    for t in busybox busybox-arm64; do
+        d=$(tag_digest "$t" "$dir")
+        size=$(stat -c %s "$dir/blobs/sha256/${d#sha256:}")
+        a=$(jq -r .architecture "$dir/blobs/sha256/$(jq -r .config.digest "$dir/blobs/sha256/${d#sha256:}" | cut -d: -f2)")
+        entries+=("$(jq -cn --arg d "$d" --argjson s "$size" --arg a "$a" \
+            '{mediaType: "application/vnd.oci.image.manifest.v1+json", digest: $d, size: $s,
+              platform: {architecture: $a, os: "linux"}}')")
+    done
+    local index
+    index=$(printf '%s\n' "${entries[@]}" | jq -cs \
+        '{schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests: .}')
+    local digest
+    digest=sha256:$(printf '%s' "$index" | sha256sum | cut -d' ' -f1)
+    printf '%s' "$index" >"$dir/blobs/sha256/${digest#sha256:}"
+    jq -c --arg d "$digest" --argjson s "${#index}" --arg t "$tag" \
+        '.manifests += [{mediaType: "application/vnd.oci.image.index.v1+json", digest: $d, size: $s,
+                         annotations: {"org.opencontainers.image.ref.name": $t}}]' \
+        "$dir/index.json" >"$dir/index.json.new"
+    mv "$dir/index.json.new" "$dir/index.json"
+}
+
+# check_layers LAYOUT TAG MEDIATYPE COUNT: fail unless TAG has COUNT layers, all of MEDIATYPE.
+check_layers() {
+    local dir=$1 tag=$2 want=$3 count=$4 d
+    d=$(tag_digest "$tag" "$dir")
+    jq -e --arg m "$want" --argjson n "$count" '(.layers | length) == $n and all(.layers[]; .mediaType == $m)' \
+        "$dir/blobs/sha256/${d#sha256:}" >/dev/null ||
+        die "$tag: expected $count layers of $want"
+}
+
+# check_nginx LAYOUT: the flatten tests rely on the nginx layers' whiteouts and hardlinks; fail
+# the build if a tool or Debian changed them. GNU tar reading every layer also proves that each
+# is a complete tar stream.
+check_nginx() {
+    local dir=$1 m i want got
+    m=$(tag_digest nginx "$dir")
+    local layers
+    mapfile -t layers < <(jq -r '.layers[].digest | ltrimstr("sha256:")' "$dir/blobs/sha256/${m#sha256:}")
+    ((${#layers[@]} == 3)) || die "nginx: expected 3 layers"
+    local whiteouts=("" "etc/.wh.cron.daily etc/.wh.motd" "var/www/html/.wh..wh..opq")
+    local links=(
+        "usr/bin/perl5.36.0 link to usr/bin/perl
+usr/bin/uncompress link to usr/bin/gunzip"
+        "usr/local/share/oci2uk/links/b link to usr/local/share/oci2uk/links/a
+usr/local/share/oci2uk/more-links/c link to usr/local/share/oci2uk/links/a"
+        ""
+    )
+    for i in 0 1 2; do
+        tar -tvzf "$dir/blobs/sha256/${layers[i]}" >"$scratch/listing" || die "nginx layer $i: not a valid tar.gz"
+        got=$(awk '{print $6}' "$scratch/listing" | { grep -E '(^|/)\.wh\.' || true; } | sort | xargs)
+        [[ $got == "${whiteouts[i]}" ]] || die "nginx layer $i: whiteouts are '$got', expected '${whiteouts[i]}'"
+        got=$({ grep '^h' "$scratch/listing" || true; } | awk '{print $6, $7, $8, $9}' | sort)
+        want=${links[i]}
+        [[ $got == "$want" ]] || die "nginx layer $i: hardlinks are '$got', expected '$want'"
+    done
+    m=$(tag_digest nginx-raw "$dir")
+    for i in $(jq -r '.layers[].digest | ltrimstr("sha256:")' "$dir/blobs/sha256/${m#sha256:}"); do
+        tar -tf "$dir/blobs/sha256/$i" >/dev/null || die "nginx-raw layer $i: not a valid tar"
+    done
+}
+
+build() {
+    [[ -f $layout/index.json ]] && return
+    [[ $(id -u) -eq 0 ]] || die "building the fixtures needs root (debootstrap, chroot, device nodes)"
+    mkdir -p "$cache_root"
+    # Concurrent test runs wait for one build instead of each doing their own.
+    exec 8>"$cache_root/.lock"
+    flock 8
+    [[ -f $layout/index.json ]] && return
+
+    # Global, not local: the EXIT trap runs after build() has returned.
+    work=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
+    # --one-file-system: nothing is ever mounted under work, and should that change, a cleanup
+    # must not follow a mount into the host.
+    trap 'rm -rf --one-file-system "$work"' EXIT
+    scratch=$work/scratch
+    mkdir -p "$scratch"
+    local dir=$work/out/layout
+    mkdir -p "$work/out"
+    oci=$dir
+    umoci init --layout "$dir"
+
+    log "building busybox (amd64, arm64)"
+    build_busybox amd64 busybox
+    build_busybox arm64 busybox-arm64
+    build_nginx
+    # Drop the intermediate manifests and configs every umoci step leaves behind.
+    umoci gc --layout "$dir"
+
+    log "writing the nginx variants and the multi-platform index"
+    # skopeo 1.9 does not recompress a gzip layer into zstd, and decompresses only into a `dir:`
+    # image; so decompress once, then compress that with zstd or store it as it is.
+    skopeo copy -q --dest-decompress "oci:$dir:nginx" "dir:$scratch/nginx-raw"
+    skopeo copy -q --dest-compress-format zstd "dir:$scratch/nginx-raw" "oci:$dir:nginx-zstd"
+    skopeo copy -q --dest-oci-accept-uncompressed-layers "dir:$scratch/nginx-raw" "oci:$dir:nginx-raw"
+    # No nginx-docker tag: skopeo writes a Docker schema 2 manifest into an OCI layout but then
+    # refuses to read it back ("no descriptor found"), so that variant exists in the registry only.
+    add_index "$dir" multi
+
+    check_layers "$dir" busybox application/vnd.oci.image.layer.v1.tar+gzip 1
+    check_layers "$dir" busybox-arm64 application/vnd.oci.image.layer.v1.tar+gzip 1
+    check_layers "$dir" nginx application/vnd.oci.image.layer.v1.tar+gzip 3
+    check_layers "$dir" nginx-zstd application/vnd.oci.image.layer.v1.tar+zstd 3
+    check_layers "$dir" nginx-raw application/vnd.oci.image.layer.v1.tar 3
+    check_nginx "$dir"
+
+    rm -rf --one-file-system "$scratch"
+    # Publish atomically: readers see either no layout or a complete one. mv -T renames the
+    # directory itself (and fails rather than nesting it, should one appear meanwhile).
+    mv -T "$work/out" "$final"
+    rm -rf --one-file-system "$work"
+    log "cached $layout"
+}
+
+# --- pushing --------------------------------------------------------------------------------
+
+# push SRC DEST [skopeo options]: copy a layout tag to a registry. Every variant already exists in
+# the layout, so pushing is a plain copy of blobs that are usually there already, cheap enough to
+# repeat on every run; --preserve-digests (where the format is not converted) makes skopeo fail
+# rather than silently recompress, so the registry holds exactly the layout's bytes.
+push() {
+    local src=$1 dest=$2
+    shift 2
+    skopeo copy -q --retry-times 2 "$@" "oci:$layout:$src" "docker://$dest" >&2
+}
+
+# check_pushed REF JQ [skopeo options]: fail unless the manifest REF names satisfies the jq
+# filter JQ.
+check_pushed() {
+    local ref=$1 filter=$2
+    shift 2
+    skopeo inspect --raw "$@" "docker://$ref" | jq -e "$filter" >/dev/null ||
+        die "$ref: the pushed manifest fails the check $filter"
+}
+
+push_all() {
+    : "${OCI2UK_TEST_REGISTRY:?set by up.sh; source STATE_DIR/env first}"
+    : "${OCI2UK_TEST_REGISTRY_HTPASSWD:?}" "${OCI2UK_TEST_REGISTRY_TOKEN:?}"
+    : "${OCI2UK_TEST_REGISTRY_TLS:?}" "${OCI2UK_TEST_CREDS:?}" "${OCI2UK_TEST_CERT_DIR:?}"
+    local plain=$OCI2UK_TEST_REGISTRY http=(--dest-tls-verify=false)
+    # Layer media types, as each variant must have them.
+    local gzip='all(.layers[]; .mediaType == "application/vnd.oci.image.layer.v1.tar+gzip")'
+    local zstd='all(.layers[]; .mediaType == "application/vnd.oci.image.layer.v1.tar+zstd")'
+    local raw='all(.layers[]; .mediaType == "application/vnd.oci.image.layer.v1.tar")'
+    local docker='.mediaType == "application/vnd.docker.distribution.manifest.v2+json"
+        and all(.layers[]; .mediaType == "application/vnd.docker.image.rootfs.diff.tar.gzip")'
+    local index='.mediaType == "application/vnd.oci.image.index.v1+json"
+        and ([.manifests[].platform.architecture] | sort) == ["amd64", "arm64"]'
+
+    push busybox "$plain/busybox:latest" "${http[@]}" --preserve-digests
+    push busybox-arm64 "$plain/busybox:arm64" "${http[@]}" --preserve-digests
+    push multi "$plain/multi:latest" "${http[@]}" --preserve-digests --all
+    push nginx "$plain/nginx:latest" "${http[@]}" --preserve-digests
+    push nginx-zstd "$plain/nginx:zstd" "${http[@]}" --preserve-digests
+    push nginx-raw "$plain/nginx:raw" "${http[@]}" --preserve-digests
+    # Docker schema 2 has no zstd or uncompressed-OCI media types; from the gzip image skopeo
+    # rewrites only the manifest, the blobs stay the same. After nginx:latest on purpose: skopeo's
+    # blob cache knows the zstd blobs as equivalents of the gzip ones and, were the gzip blobs
+    # missing from the repository, would put a zstd layer into a schema 2 manifest and fail.
+    push nginx "$plain/nginx:docker" "${http[@]}" --format v2s2
+    push busybox "$OCI2UK_TEST_REGISTRY_HTPASSWD/busybox:latest" "${http[@]}" --preserve-digests \
+        --dest-creds "$OCI2UK_TEST_CREDS"
+    push busybox "$OCI2UK_TEST_REGISTRY_TOKEN/busybox:latest" "${http[@]}" --preserve-digests \
+        --dest-creds "$OCI2UK_TEST_CREDS"
+    push busybox "$OCI2UK_TEST_REGISTRY_TLS/busybox:latest" --dest-cert-dir "$OCI2UK_TEST_CERT_DIR" \
+        --preserve-digests
+
+    local insecure=(--tls-verify=false)
+    check_pushed "$plain/busybox:latest" "$gzip" "${insecure[@]}"
+    check_pushed "$plain/busybox:arm64" "$gzip" "${insecure[@]}"
+    check_pushed "$plain/multi:latest" "$index" "${insecure[@]}"
+    check_pushed "$plain/nginx:latest" "$gzip" "${insecure[@]}"
+    check_pushed "$plain/nginx:zstd" "$zstd" "${insecure[@]}"
+    check_pushed "$plain/nginx:raw" "$raw" "${insecure[@]}"
+    check_pushed "$plain/nginx:docker" "$docker" "${insecure[@]}"
+    check_pushed "$OCI2UK_TEST_REGISTRY_HTPASSWD/busybox:latest" "$gzip" "${insecure[@]}" \
+        --creds "$OCI2UK_TEST_CREDS"
+    check_pushed "$OCI2UK_TEST_REGISTRY_TOKEN/busybox:latest" "$gzip" "${insecure[@]}" \
+        --creds "$OCI2UK_TEST_CREDS"
+    check_pushed "$OCI2UK_TEST_REGISTRY_TLS/busybox:latest" "$gzip" --cert-dir "$OCI2UK_TEST_CERT_DIR"
+}
+
+case ${1:-} in
+    path) echo "$layout" ;;
+    build) build; echo "$layout" ;;
+    push) build; push_all ;;
+    *) echo "usage: $0 path|build|push" >&2; exit 2 ;;
+esac
