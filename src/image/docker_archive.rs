@@ -950,7 +950,7 @@ pub(super) fn read_member(data: &mut dyn Read, size: u64, cap: u64) -> io::Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::io::Write as _;
 
     use super::*;

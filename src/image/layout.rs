@@ -74,7 +74,7 @@ pub enum LayoutError {
         layout: String,
     },
     /// Several images and no tag.
-    #[error("{layout} holds {count} images; name one with a tag, {transport}:{layout}:TAG (it has: {tags})")]
+    #[error("{layout} holds {count} images; name one as {transport}:PATH:TAG (it has: {tags})")]
     NeedTag {
         /// The layout.
         layout: String,
@@ -745,4 +745,511 @@ pub(super) fn parse_config(bytes: &[u8]) -> Result<(ImageConfiguration, Vec<Dige
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((config, diff_ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use serde_json::{json, Value};
+
+    use super::super::docker_archive::tests::{config, gzip, layer, tar_of, M};
+    use super::*;
+    use crate::image::select::{OCI_INDEX, OCI_MANIFEST};
+
+    const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+    fn sha256(bytes: &[u8]) -> Digest {
+        let mut h = Hasher::sha256();
+        h.update(bytes);
+        h.finish()
+    }
+
+    /// An OCI layout being written in a temporary directory.
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let f = Self {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            std::fs::create_dir_all(f.root().join("blobs/sha256")).unwrap();
+            f.write("oci-layout", br#"{"imageLayoutVersion": "1.0.0"}"#);
+            f
+        }
+
+        fn root(&self) -> PathBuf {
+            self.dir.path().join("app.oci")
+        }
+
+        fn write(&self, name: &str, bytes: &[u8]) {
+            std::fs::create_dir_all(self.root()).unwrap();
+            std::fs::write(self.root().join(name), bytes).unwrap();
+        }
+
+        /// Stores a blob; returns its descriptor.
+        fn blob(&self, media_type: &str, bytes: &[u8]) -> Value {
+            let d = sha256(bytes);
+            self.write(&format!("blobs/sha256/{}", d.digest()), bytes);
+            json!({"mediaType": media_type, "digest": d.to_string(), "size": bytes.len()})
+        }
+
+        /// Stores an image whose layers each hold one file; returns the manifest descriptor.
+        fn image(&self, files: &[&str], gzipped: bool) -> Value {
+            let tars: Vec<Vec<u8>> = files.iter().map(|f| layer(f, f.as_bytes())).collect();
+            let diff_ids: Vec<Digest> = tars.iter().map(|t| sha256(t)).collect();
+            let layers: Vec<Value> = tars
+                .iter()
+                .map(|t| match gzipped {
+                    true => self.blob(GZIP_LAYER, &gzip(t)),
+                    false => self.blob(TAR_LAYER, t),
+                })
+                .collect();
+            let config = self.blob(OCI_CONFIG, &config(&diff_ids.iter().collect::<Vec<_>>()));
+            self.manifest(config, layers)
+        }
+
+        fn manifest(&self, config: Value, layers: Vec<Value>) -> Value {
+            let m = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers});
+            self.blob(OCI_MANIFEST, &serde_json::to_vec(&m).unwrap())
+        }
+
+        fn index(&self, entries: &[Value]) {
+            let i = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries});
+            self.write("index.json", &serde_json::to_vec(&i).unwrap());
+        }
+
+        fn resolve(&self, tag: Option<&str>) -> Result<Image, LayoutError> {
+            resolve_dir(&self.root(), tag, &ResolveOptions::default())
+        }
+
+        fn resolve_on(&self, tag: Option<&str>, platform: &str) -> Result<Image, LayoutError> {
+            let opts = ResolveOptions {
+                platform: platform.parse().unwrap(),
+                ..Default::default()
+            };
+            resolve_dir(&self.root(), tag, &opts)
+        }
+
+        /// The layout as a tar archive, in the same temporary directory.
+        fn archive(&self, compress: bool) -> PathBuf {
+            let mut b = tar::Builder::new(Vec::new());
+            b.append_dir_all(".", self.root()).unwrap();
+            let mut bytes = b.into_inner().unwrap();
+            if compress {
+                bytes = gzip(&bytes);
+            }
+            let path = self.dir.path().join("app.tar");
+            std::fs::write(&path, bytes).unwrap();
+            path
+        }
+
+        fn cache(&self) -> Cache {
+            Cache::open(Some(&self.dir.path().join("cache"))).unwrap()
+        }
+    }
+
+    fn tagged(mut d: Value, tag: &str) -> Value {
+        d["annotations"] = json!({REF_NAME: tag});
+        d
+    }
+
+    fn assert_verified(img: &Image) {
+        assert_eq!(img.config.rootfs().diff_ids().len(), img.layers.len());
+        for l in &img.layers {
+            let bytes = std::fs::read(&l.path).unwrap();
+            assert_eq!(
+                (sha256(&bytes), bytes.len() as u64),
+                (l.digest.clone(), l.size)
+            );
+            let tar = match l.compression {
+                Compression::Gzip => {
+                    let mut out = Vec::new();
+                    flate2::read::MultiGzDecoder::new(&bytes[..])
+                        .read_to_end(&mut out)
+                        .unwrap();
+                    out
+                }
+                Compression::None => bytes,
+                Compression::Zstd => zstd::decode_all(&bytes[..]).unwrap(),
+            };
+            assert_eq!(sha256(&tar), l.diff_id);
+        }
+    }
+
+    #[test]
+    fn one_image_without_a_tag() {
+        let f = Fixture::new();
+        let m = f.image(&["a", "b"], true);
+        f.index(&[m.clone()]);
+        let img = f.resolve(None).unwrap();
+        assert_eq!(img.manifest_digest.to_string(), m["digest"]);
+        assert_eq!(img.layers.len(), 2);
+        assert!(img
+            .layers
+            .iter()
+            .all(|l| l.compression == Compression::Gzip));
+        assert!(img.layers.iter().all(|l| l.path.starts_with(f.root())));
+        assert_eq!(img.name, "app");
+        assert_eq!(img.source, format!("oci:{}", f.root().display()));
+        assert_verified(&img);
+    }
+
+    #[test]
+    fn tags_positions_and_full_names() {
+        let f = Fixture::new();
+        let one = f.image(&["a"], false);
+        let two = f.image(&["a", "b"], false);
+        let mut three = f.image(&["c"], true);
+        three["annotations"] = json!({REF_NAME: "3", CONTAINERD_NAME: "docker.io/library/app:3"});
+        f.index(&[
+            tagged(one.clone(), "1"),
+            tagged(two.clone(), "two"),
+            three.clone(),
+        ]);
+        let digest = |img: Image| img.manifest_digest.to_string();
+        assert_eq!(digest(f.resolve(Some("1")).unwrap()), one["digest"]);
+        let img = f.resolve(Some("two")).unwrap();
+        assert_eq!(img.source, format!("oci:{}:two", f.root().display()));
+        assert_eq!(img.layers.len(), 2);
+        assert_eq!(digest(f.resolve(Some("@1")).unwrap()), two["digest"]);
+        for name in ["3", "docker.io/library/app:3", "app:3"] {
+            assert_eq!(
+                digest(f.resolve(Some(name)).unwrap()),
+                three["digest"],
+                "{name}"
+            );
+        }
+
+        let e = f.resolve(None).unwrap_err();
+        assert!(matches!(e, LayoutError::NeedTag { count: 3, .. }), "{e}");
+        assert!(e.to_string().contains("(it has: 1, two, 3)"), "{e}");
+        for bad in ["4", "@3", "app:4"] {
+            let e = f.resolve(Some(bad)).unwrap_err();
+            assert!(matches!(e, LayoutError::NoTag { .. }), "{e}");
+        }
+        // One tag on two different images.
+        f.index(&[tagged(one, "x"), tagged(two, "x")]);
+        assert!(matches!(
+            f.resolve(Some("x")).unwrap_err(),
+            LayoutError::AmbiguousTag { .. }
+        ));
+    }
+
+    #[test]
+    fn nested_index_picks_the_platform() {
+        let f = Fixture::new();
+        let mut amd = f.image(&["amd"], true);
+        amd["platform"] = json!({"os": "linux", "architecture": "amd64"});
+        let mut arm = f.image(&["arm", "more"], true);
+        arm["platform"] = json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        let idx = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [amd, arm]});
+        let idx = f.blob(OCI_INDEX, &serde_json::to_vec(&idx).unwrap());
+        f.index(&[tagged(idx, "multi")]);
+        let img = f.resolve_on(Some("multi"), "linux/arm64").unwrap();
+        assert_eq!(img.manifest_digest.to_string(), arm["digest"]);
+        assert_eq!(img.layers.len(), 2);
+        let img = f.resolve_on(None, "linux/amd64").unwrap();
+        assert_eq!(img.manifest_digest.to_string(), amd["digest"]);
+        let e = f.resolve_on(None, "linux/s390x").unwrap_err();
+        assert!(
+            matches!(e, LayoutError::Select(SelectError::NoPlatform { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn blobs_are_verified() {
+        let f = Fixture::new();
+        let tar = layer("a", b"a");
+        let l = f.blob(TAR_LAYER, &tar);
+        let c = f.blob(OCI_CONFIG, &config(&[&sha256(&tar)]));
+        let m = f.manifest(c.clone(), vec![l.clone()]);
+        f.index(&[m.clone()]);
+        f.resolve(None).unwrap();
+        let blob = |d: &Value| {
+            f.root()
+                .join("blobs/sha256")
+                .join(d["digest"].as_str().unwrap().trim_start_matches("sha256:"))
+        };
+
+        // Same size, other bytes.
+        let mut bad = tar.clone();
+        bad[0] ^= 1;
+        std::fs::write(blob(&l), &bad).unwrap();
+        let e = f.resolve(None).unwrap_err();
+        assert!(matches!(e, LayoutError::Digest { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("blob {} in ", l["digest"].as_str().unwrap())),
+            "{e}"
+        );
+        std::fs::write(blob(&l), &tar[..100]).unwrap();
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::Size { actual: 100, .. }
+        ));
+        std::fs::remove_file(blob(&l)).unwrap();
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::Missing { .. }
+        ));
+        std::fs::write(blob(&l), &tar).unwrap();
+
+        // A document announcing more than the cap is refused before it is read.
+        let mut huge = m.clone();
+        huge["size"] = json!(MAX_DOCUMENT_SIZE + 1);
+        f.index(&[huge]);
+        let e = f.resolve(None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LayoutError::TooLarge {
+                    what: "manifest",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Digests name paths only for algorithms that can be verified.
+        let mut odd = m.clone();
+        odd["digest"] = json!(format!("sha384:{}", "a".repeat(96)));
+        f.index(&[odd]);
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::Algorithm { .. }
+        ));
+
+        // Config problems.
+        let two = f.manifest(c.clone(), vec![l.clone(), l.clone()]);
+        f.index(&[two]);
+        let e = f.resolve(None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LayoutError::DiffIdCount {
+                    diff_ids: 1,
+                    layers: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let other = f.blob(OCI_CONFIG, &config(&[&sha256(b"x")]));
+        f.index(&[f.manifest(other, vec![l.clone()])]);
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::DiffId { .. }
+        ));
+        let artifact = f.blob("application/vnd.cncf.helm.config.v1+json", b"{}");
+        f.index(&[f.manifest(artifact, vec![])]);
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::NotAnImage { .. }
+        ));
+        let broken = f.blob(OCI_CONFIG, b"{\"os\": 1}");
+        f.index(&[f.manifest(broken, vec![])]);
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::InvalidConfig { .. }
+        ));
+        let mut not_a_layer = l.clone();
+        not_a_layer["mediaType"] = json!("application/vnd.oci.image.config.v1+json");
+        f.index(&[f.manifest(c, vec![not_a_layer])]);
+        let e = f.resolve(None).unwrap_err();
+        assert!(
+            matches!(e, LayoutError::Select(SelectError::LayerType { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn layout_files_are_checked() {
+        let f = Fixture::new();
+        let m = f.image(&["a"], false);
+        f.index(&[m]);
+        f.write("oci-layout", br#"{"imageLayoutVersion": "2.0.0"}"#);
+        let e = f.resolve(None).unwrap_err();
+        assert!(matches!(e, LayoutError::LayoutVersion { .. }), "{e}");
+        std::fs::remove_file(f.root().join("oci-layout")).unwrap();
+        let e = f.resolve(None).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("is not an OCI image layout: it has no oci-layout file"),
+            "{e}"
+        );
+        f.write("oci-layout", br#"{"imageLayoutVersion": "1.0.0"}"#);
+        for empty in [
+            &br#"{"schemaVersion":2,"manifests":null}"#[..],
+            br#"{"schemaVersion":2,"manifests":[]}"#,
+        ] {
+            f.write("index.json", empty);
+            assert!(matches!(
+                f.resolve(None).unwrap_err(),
+                LayoutError::Empty { .. }
+            ));
+        }
+        f.write("index.json", &vec![b' '; MAX_DOCUMENT_SIZE as usize + 1]);
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::FileTooLarge {
+                file: "index.json",
+                ..
+            }
+        ));
+        std::fs::remove_file(f.root().join("index.json")).unwrap();
+        assert!(matches!(
+            f.resolve(None).unwrap_err(),
+            LayoutError::NoIndex { .. }
+        ));
+        let e = resolve_dir(
+            Path::new("/nonexistent/layout"),
+            None,
+            &ResolveOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, LayoutError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn archives_are_copied_into_the_cache() {
+        let f = Fixture::new();
+        let one = f.image(&["a", "b"], true);
+        let two = f.image(&["c"], false);
+        f.index(&[tagged(one.clone(), "one"), tagged(two, "two")]);
+        let cache = f.cache();
+        for compress in [false, true] {
+            let archive = f.archive(compress);
+            let opts = ResolveOptions::default();
+            let img = resolve_archive(&archive, Some("one"), &opts, &cache).unwrap();
+            assert_eq!(img.manifest_digest.to_string(), one["digest"]);
+            assert_eq!(img.source, format!("oci-archive:{}:one", archive.display()));
+            assert_eq!(img.name, "app");
+            assert!(img.layers.iter().all(|l| l.path.starts_with(cache.root())));
+            assert_verified(&img);
+            let e = resolve_archive(&archive, None, &opts, &cache).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    LayoutError::NeedTag {
+                        transport: "oci-archive",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_archives_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(&dir.path().join("cache"))).unwrap();
+        let path = dir.path().join("a.tar");
+        let resolve = |members: &[M<'_>]| {
+            std::fs::write(&path, tar_of(members)).unwrap();
+            resolve_archive(&path, None, &ResolveOptions::default(), &cache).unwrap_err()
+        };
+        let layout = || M::File("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec());
+        let e = resolve(&[layout(), M::File("../index.json", b"{}".to_vec())]);
+        assert!(
+            matches!(e, LayoutError::UnsafeMember { ref member, .. } if member == "../index.json"),
+            "{e}"
+        );
+        let liar = format!("blobs/sha256/{}", sha256(b"right").digest());
+        let e = resolve(&[layout(), M::File(&liar, b"wrong".to_vec())]);
+        assert!(
+            matches!(e, LayoutError::Member { ref member, .. } if *member == liar),
+            "{e}"
+        );
+        let e = resolve(&[M::File("index.json", b"{}".to_vec())]);
+        assert!(matches!(e, LayoutError::NotALayout { .. }), "{e}");
+        // Blobs the index needs but the archive lacks.
+        let m = json!({"mediaType": OCI_MANIFEST, "digest": sha256(b"m").to_string(), "size": 1});
+        let idx = serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [m]})).unwrap();
+        let e = resolve(&[layout(), M::File("index.json", idx)]);
+        assert!(matches!(e, LayoutError::Missing { .. }), "{e}");
+    }
+
+    /// Layouts and archives written by an independent tool, skopeo, from the conformance
+    /// corpus's docker archives, resolve to the same layers (by diff_id) as the archives do.
+    #[test]
+    fn skopeo_layouts_and_archives() {
+        if Command::new("skopeo").arg("--version").output().is_err() {
+            assert!(std::env::var_os("CI").is_none(), "skopeo is required in CI");
+            eprintln!("skipping: skopeo is not installed");
+            return;
+        }
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/conformance/go-containerregistry");
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(&dir.path().join("cache"))).unwrap();
+        let skopeo = |from: String, to: String| {
+            let out = Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "-q", &from, &to])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo copy {from} {to}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let docker = |file: &str, selector: Option<&str>| {
+            super::super::docker_archive::resolve(&corpus.join(file), selector, &cache).unwrap()
+        };
+        let diff_ids = |img: &Image| {
+            img.layers
+                .iter()
+                .map(|l| l.diff_id.clone())
+                .collect::<Vec<_>>()
+        };
+
+        let layout = dir.path().join("layout");
+        let link = corpus.join("test_link.tar");
+        for tag in ["test_image_1", "test_image_3"] {
+            skopeo(
+                format!("docker-archive:{}:bazel/v1/tarball:{tag}", link.display()),
+                format!("oci:{}:{tag}", layout.display()),
+            );
+        }
+        let opts = ResolveOptions::default();
+        for tag in ["test_image_1", "test_image_3"] {
+            let img = resolve_dir(&layout, Some(tag), &opts).unwrap();
+            assert_verified(&img);
+            let expected = docker("test_link.tar", Some(&format!("bazel/v1/tarball:{tag}")));
+            assert_eq!(diff_ids(&img), diff_ids(&expected), "{tag}");
+        }
+        let e = resolve_dir(&layout, None, &opts).unwrap_err().to_string();
+        assert!(e.contains("test_image_1, test_image_3"), "{e}");
+
+        for file in [
+            "whiteout_dir.tar",
+            "overwritten_file.tar",
+            "hello-world-v25.tar",
+        ] {
+            let archive = dir.path().join(format!("{file}.oci.tar"));
+            skopeo(
+                format!("docker-archive:{}", corpus.join(file).display()),
+                format!("oci-archive:{}:t", archive.display()),
+            );
+            let img = resolve_archive(&archive, None, &opts, &cache).unwrap();
+            assert_verified(&img);
+            assert_eq!(diff_ids(&img), diff_ids(&docker(file, None)), "{file}");
+            assert_eq!(
+                resolve_archive(&archive, Some("t"), &opts, &cache)
+                    .unwrap()
+                    .manifest_digest,
+                img.manifest_digest
+            );
+        }
+
+        // docker 25's save is OCI-layout shaped, but its index.json lists no image.
+        let e =
+            resolve_archive(&corpus.join("hello-world-v25.tar"), None, &opts, &cache).unwrap_err();
+        assert!(matches!(e, LayoutError::Empty { .. }), "{e}");
+    }
 }
