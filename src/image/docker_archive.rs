@@ -292,7 +292,13 @@ pub fn resolve(
     })
     .map_err(scan_error)?;
     let Some(manifest) = manifest else {
-        return Err(DockerArchiveError::NoManifest { archive });
+        return Err(match members.get("manifest.json") {
+            Some(_) => DockerArchiveError::NotAFile {
+                archive,
+                member: "manifest.json".into(),
+            },
+            None => DockerArchiveError::NoManifest { archive },
+        });
     };
     let items: Option<Vec<ManifestItem>> =
         serde_json::from_slice(&manifest).map_err(|e| DockerArchiveError::InvalidManifest {

@@ -47,6 +47,12 @@ pub enum LayoutError {
         #[source]
         source: io::Error,
     },
+    /// `oci:` names a file.
+    #[error("{path} is not a directory (for a tar of an OCI layout, use oci-archive:{path})")]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
     /// No `oci-layout` file.
     #[error("{layout} is not an OCI image layout: it has no oci-layout file")]
     NotALayout {
@@ -263,10 +269,7 @@ pub fn resolve_dir(
         source,
     })?;
     if !meta.is_dir() {
-        return Err(LayoutError::Io {
-            path: abs,
-            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-        });
+        return Err(LayoutError::NotADirectory { path: abs });
     }
     let oci_layout = read_small_file(&path.join("oci-layout"), &layout, "oci-layout")?;
     let index = read_small_file(&path.join("index.json"), &layout, "index.json")?;
@@ -588,8 +591,15 @@ fn resolve_layout(
             match select::parse_document(&bytes, Some(desc.media_type().as_ref()), &what)? {
                 Document::Manifest(m) => (desc.clone(), m),
                 // `select_platform` only picks manifests, and `parse_document` refuses a
-                // document whose content disagrees with its media type.
-                Document::Index(_) => unreachable!("a manifest descriptor parsed as an index"),
+                // document whose content disagrees with its media type, so this is only
+                // defence in depth.
+                Document::Index(_) => {
+                    return Err(SelectError::Ambiguous {
+                        what,
+                        why: "an image index lists it as a manifest, but it is an index".into(),
+                    }
+                    .into())
+                }
             }
         }
     };
@@ -624,7 +634,10 @@ fn resolve_layout(
     for (d, diff_id) in manifest.layers().iter().zip(diff_ids) {
         let media_type = d.media_type().to_string();
         let compression = Compression::from_media_type(&media_type, d.digest().as_ref())?;
-        if compression == Compression::None && d.digest() != &diff_id {
+        if compression == Compression::None
+            && d.digest().algorithm() == diff_id.algorithm()
+            && d.digest() != &diff_id
+        {
             return Err(LayoutError::DiffId {
                 layout: layout.to_string(),
                 digest: d.digest().to_string(),
