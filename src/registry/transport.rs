@@ -1,0 +1,229 @@
+//! HTTP transport: the `reqwest` clients and the rules every request follows.
+//!
+//! - TLS with the system's roots plus `--ca-cert`; `--insecure` turns verification off.
+//! - Plain HTTP only to loopback hosts or with `--insecure`, also when a redirect asks for it.
+//! - Redirects are followed here, not by reqwest, so that `Authorization` is sent only to the
+//!   origin it belongs to: registries redirect blob downloads to storage or a CDN on another
+//!   host, which must never see the registry's credentials.
+//! - A connect timeout and a read-stall timeout, but no overall timeout: a large layer may
+//!   take as long as it takes while bytes keep arriving.
+//! - Loopback hosts bypass any proxy, as Go's `http.ProxyFromEnvironment` (and so docker) does.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{Method, Response, Url};
+
+use super::{RegistryError, RegistryOptions};
+use crate::reference::is_loopback_host;
+
+/// Time allowed to establish a connection (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed without a single byte arriving, once connected.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
+
+/// Credentials bound to the origin (`scheme://host:port`) they may be sent to.
+pub(crate) struct BoundAuth<'a> {
+    /// `Url::origin().ascii_serialization()` of the only place this header may go.
+    pub origin: &'a str,
+    /// The `Authorization` value.
+    pub value: &'a HeaderValue,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The transport failed (the error's URL is removed).
+    Http(reqwest::Error),
+    /// A redirect that must not or cannot be followed.
+    Redirect(String),
+}
+
+/// Why a body could not be read whole.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// More bytes than the cap.
+    TooLarge,
+    /// The transport failed (the error's URL is removed).
+    Http(reqwest::Error),
+}
+
+/// The HTTP clients for one run.
+pub(crate) struct Transport {
+    remote: reqwest::Client,
+    local: reqwest::Client,
+    insecure: bool,
+}
+
+impl Transport {
+    /// Builds the clients from the registry options.
+    pub fn new(opts: &RegistryOptions) -> Result<Self, RegistryError> {
+        let mut certs = Vec::new();
+        if let Some(path) = &opts.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| RegistryError::CaCertRead {
+                path: path.clone(),
+                source,
+            })?;
+            certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::CaCert {
+                    path: path.clone(),
+                    source: Some(e),
+                })?;
+            if certs.is_empty() {
+                return Err(RegistryError::CaCert {
+                    path: path.clone(),
+                    source: None,
+                });
+            }
+        }
+        let build = |loopback: bool| {
+            let mut b = reqwest::Client::builder()
+                .user_agent(concat!("oci2uk/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(READ_TIMEOUT)
+                .danger_accept_invalid_certs(opts.insecure);
+            for c in &certs {
+                b = b.add_root_certificate(c.clone());
+            }
+            if loopback {
+                b = b.no_proxy();
+            }
+            b.build().map_err(RegistryError::Client)
+        };
+        Ok(Self {
+            remote: build(false)?,
+            local: build(true)?,
+            insecure: opts.insecure,
+        })
+    }
+
+    /// Whether plain HTTP may be used for `url`'s host.
+    pub fn plain_http_allowed(&self, url: &Url) -> bool {
+        self.insecure || url.host_str().is_some_and(is_loopback_host)
+    }
+
+    /// Sends a request, following GET redirects by hand (bounded). `auth` is attached only
+    /// while the URL is on its origin.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        headers: &HeaderMap,
+        auth: Option<&BoundAuth<'_>>,
+        form: Option<&[(&str, &str)]>,
+    ) -> Result<Response, SendError> {
+        let mut url = url;
+        for _ in 0..=MAX_REDIRECTS {
+            match url.scheme() {
+                "https" => {}
+                "http" if self.plain_http_allowed(&url) => {}
+                "http" => {
+                    return Err(SendError::Redirect(format!(
+                        "plain HTTP to {} is not allowed (use --insecure to allow it)",
+                        url.host_str().unwrap_or("?")
+                    )))
+                }
+                other => return Err(SendError::Redirect(format!("unsupported scheme {other}"))),
+            }
+            let loopback = url.host_str().is_some_and(is_loopback_host);
+            let client = if loopback { &self.local } else { &self.remote };
+            let mut req = client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(a) = auth {
+                if url.origin().ascii_serialization() == a.origin {
+                    req = req.header(AUTHORIZATION, a.value.clone());
+                }
+            }
+            if let Some(f) = form {
+                req = req.form(f);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| SendError::Http(e.without_url()))?;
+            if method != Method::GET || !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(location) = resp.headers().get(LOCATION) else {
+                return Ok(resp);
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| SendError::Redirect("an invalid Location".into()))?;
+            // Origins only: a redirect target's query is often a signature.
+            tracing::debug!(
+                from = %url.origin().ascii_serialization(),
+                to = %next.origin().ascii_serialization(),
+                status = resp.status().as_u16(),
+                "following a redirect"
+            );
+            url = next;
+        }
+        Err(SendError::Redirect(format!(
+            "more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+}
+
+/// Reads a whole body of at most `cap` bytes, refusing a larger one as soon as its
+/// `Content-Length` or its bytes show it.
+pub(crate) async fn read_capped(resp: &mut Response, cap: u64) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > cap) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ReadError::Http(e.without_url()))?
+    {
+        if (out.len() + chunk.len()) as u64 > cap {
+            return Err(ReadError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The registry's error code and message from an error response, as `": CODE message"`, or
+/// an empty string. Only the distribution error envelope is quoted, never an HTML page.
+pub(crate) async fn error_detail(mut resp: Response) -> String {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        errors: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let Ok(body) = read_capped(&mut resp, 16 * 1024).await else {
+        return String::new();
+    };
+    let Ok(env) = serde_json::from_slice::<Envelope>(&body) else {
+        return String::new();
+    };
+    let Some(e) = env.errors.first() else {
+        return String::new();
+    };
+    let text: String = [e.code.as_deref(), e.message.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if text.is_empty() {
+        text
+    } else {
+        format!(": {text}")
+    }
+}
