@@ -897,7 +897,7 @@ mod tests {
     fn one_image_without_a_tag() {
         let f = Fixture::new();
         let m = f.image(&["a", "b"], true);
-        f.index(&[m.clone()]);
+        f.index(std::slice::from_ref(&m));
         let img = f.resolve(None).unwrap();
         assert_eq!(img.manifest_digest.to_string(), m["digest"]);
         assert_eq!(img.layers.len(), 2);
@@ -981,7 +981,7 @@ mod tests {
         let l = f.blob(TAR_LAYER, &tar);
         let c = f.blob(OCI_CONFIG, &config(&[&sha256(&tar)]));
         let m = f.manifest(c.clone(), vec![l.clone()]);
-        f.index(&[m.clone()]);
+        f.index(std::slice::from_ref(&m));
         f.resolve(None).unwrap();
         let blob = |d: &Value| {
             f.root()

@@ -86,6 +86,9 @@ pub enum SelectError {
 }
 
 /// A parsed manifest document.
+// Parsed once per resolution and consumed at once: the size of the unboxed index does not
+// matter, and boxing it would only add a dereference at every use.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Document {
     /// An image manifest (OCI or Docker schema 2).
