@@ -302,16 +302,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix")
+    })?;
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("invalid size {s:?}: unknown suffix {suffix:?} (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown suffix {suffix:?} (use K, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
@@ -329,7 +333,9 @@ mod tests {
         assert_eq!(parse_size("1gib").unwrap(), 1 << 30);
         assert!(parse_size("").is_err());
         assert!(parse_size("12Q").unwrap_err().contains("suffix"));
-        assert!(parse_size("99999999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -339,10 +345,22 @@ mod tests {
         std::fs::write(&dest, b"old").unwrap();
         let mut s = Sink::open(&Destination::Path(dest.clone())).unwrap();
         s.write_all(b"new bytes").unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"old", "not replaced before finish");
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            b"old",
+            "not replaced before finish"
+        );
         drop(s);
-        assert_eq!(std::fs::read(&dest).unwrap(), b"old", "an abandoned output changes nothing");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            b"old",
+            "an abandoned output changes nothing"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
         let mut s = Sink::open(&Destination::Path(dest.clone())).unwrap();
         s.write_all(b"new bytes").unwrap();
         let (d, n) = s.finish().unwrap();

@@ -185,12 +185,11 @@ impl Cache {
 
     /// Starts writing a blob that must turn out to be `digest` of `size` bytes.
     pub fn writer(&self, digest: &Digest, size: u64) -> Result<BlobWriter, CacheError> {
-        let tmp = tempfile::NamedTempFile::new_in(self.tmp_dir()).map_err(|source| {
-            CacheError::Io {
+        let tmp =
+            tempfile::NamedTempFile::new_in(self.tmp_dir()).map_err(|source| CacheError::Io {
                 path: self.tmp_dir(),
                 source,
-            }
-        })?;
+            })?;
         Ok(BlobWriter {
             hasher: Hasher::for_digest(digest)?,
             expected: digest.clone(),

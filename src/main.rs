@@ -87,7 +87,12 @@ struct BuildArgs {
 #[derive(Args)]
 struct RegistryArgs {
     /// Registry credentials as USER:PASS (never printed).
-    #[arg(long, value_name = "USER:PASS", env = "OCI2UK_CREDS", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "USER:PASS",
+        env = "OCI2UK_CREDS",
+        hide_env_values = true
+    )]
     creds: Option<String>,
 
     /// A docker/podman auth file to read credentials from. Default: ~/.docker/config.json.
@@ -147,7 +152,10 @@ fn main() -> ExitCode {
         Command::Build(b) => b.common.quiet,
     };
     init_logging(quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
     };
@@ -195,10 +203,9 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
         }
     });
     let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.is_empty() => Some(
-            v.parse::<i64>()
-                .with_context(|| format!("invalid SOURCE_DATE_EPOCH {v:?}: expected seconds since 1970"))?,
-        ),
+        Ok(v) if !v.is_empty() => Some(v.parse::<i64>().with_context(|| {
+            format!("invalid SOURCE_DATE_EPOCH {v:?}: expected seconds since 1970")
+        })?),
         _ => None,
     };
     let format = match args.format {

@@ -216,7 +216,10 @@ impl FromStr for Source {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // skopeo splits a transport's argument at its first colon, so paths cannot hold one.
-        fn path_and_rest(s: &str, whole: &str) -> Result<(PathBuf, Option<String>), ReferenceError> {
+        fn path_and_rest(
+            s: &str,
+            whole: &str,
+        ) -> Result<(PathBuf, Option<String>), ReferenceError> {
             let (p, rest) = match s.split_once(':') {
                 Some((p, r)) => (p, Some(r.to_string()).filter(|r| !r.is_empty())),
                 None => (s, None),
@@ -278,10 +281,16 @@ mod tests {
         assert_eq!(r.to_string(), "docker.io/library/nginx:latest");
         assert_eq!(r.endpoint(), "registry-1.docker.io");
         assert_eq!(r.name(), "nginx");
-        assert_eq!(reg("docker://nginx").to_string(), "docker.io/library/nginx:latest");
+        assert_eq!(
+            reg("docker://nginx").to_string(),
+            "docker.io/library/nginx:latest"
+        );
         assert_eq!(reg("user/app:1").to_string(), "docker.io/user/app:1");
         let r = reg("127.0.0.1:5000/web/nginx:1");
-        assert_eq!((r.registry(), r.repository(), r.tag()), ("127.0.0.1:5000", "web/nginx", Some("1")));
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag()),
+            ("127.0.0.1:5000", "web/nginx", Some("1"))
+        );
         assert_eq!(r.name(), "nginx");
         assert!(r.is_loopback());
         let d = "sha256:".to_string() + &"a".repeat(64);
@@ -309,10 +318,15 @@ mod tests {
     fn transports() {
         assert_eq!(
             "oci:/x/layout:nginx".parse::<Source>().unwrap(),
-            Source::OciDir { path: "/x/layout".into(), tag: Some("nginx".into()) }
+            Source::OciDir {
+                path: "/x/layout".into(),
+                tag: Some("nginx".into())
+            }
         );
         assert_eq!(
-            "docker-archive:t.tar:bazel/v1/tarball:test_image_1".parse::<Source>().unwrap(),
+            "docker-archive:t.tar:bazel/v1/tarball:test_image_1"
+                .parse::<Source>()
+                .unwrap(),
             Source::DockerArchive {
                 path: "t.tar".into(),
                 selector: Some("bazel/v1/tarball:test_image_1".into())
@@ -325,7 +339,14 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for h in ["localhost", "localhost:5000", "127.0.0.1", "127.1.2.3:80", "[::1]:5000", "::1"] {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]:5000",
+            "::1",
+        ] {
             assert!(is_loopback_host(h), "{h}");
         }
         for h in ["example.com", "10.0.0.1:5000", "[fe80::1]:5000"] {

@@ -98,10 +98,8 @@ pub async fn resolve(
         Source::OciArchive { path, tag } => {
             Ok(layout::resolve_archive(path, tag.as_deref(), opts, cache)?)
         }
-        Source::DockerArchive { path, selector } => Ok(docker_archive::resolve(
-            path,
-            selector.as_deref(),
-            cache,
-        )?),
+        Source::DockerArchive { path, selector } => {
+            Ok(docker_archive::resolve(path, selector.as_deref(), cache)?)
+        }
     }
 }

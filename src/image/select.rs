@@ -167,7 +167,11 @@ pub fn parse_document(
         }
         None if is_index => true,
         None if is_manifest => false,
-        None => return Err(ambiguous("it has no media type and neither `manifests` nor `layers`")),
+        None => {
+            return Err(ambiguous(
+                "it has no media type and neither `manifests` nor `layers`",
+            ))
+        }
     };
     if kind_index && is_manifest || !kind_index && is_index {
         return Err(ambiguous(&format!(
@@ -249,7 +253,8 @@ impl FromStr for Platform {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let ok =
+            |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         match parts.as_slice() {
             [os, arch] if ok(os) && ok(arch) => Ok(Self {
                 os: os.to_string(),
@@ -282,7 +287,10 @@ pub fn select_platform<'a>(
 ) -> Result<&'a Descriptor, SelectError> {
     let candidates = index.manifests().iter().filter(|d| {
         // Attestation manifests (buildkit's `unknown/unknown`) and nested indexes are skipped.
-        matches!(d.media_type().to_string().as_str(), OCI_MANIFEST | DOCKER_MANIFEST)
+        matches!(
+            d.media_type().to_string().as_str(),
+            OCI_MANIFEST | DOCKER_MANIFEST
+        )
     });
     let mut found = None;
     for d in candidates.clone() {
@@ -354,8 +362,7 @@ impl Compression {
             Some(Self::Gzip)
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Some(Self::Zstd)
-        } else if head.len() >= 262 && &head[257..262] == b"ustar" || head.iter().all(|b| *b == 0)
-        {
+        } else if head.len() >= 262 && &head[257..262] == b"ustar" || head.iter().all(|b| *b == 0) {
             Some(Self::None)
         } else {
             None
@@ -438,25 +445,38 @@ mod tests {
             SelectError::Ambiguous { .. }
         ));
         assert!(matches!(
-            parse_document(br#"{"layers":[]}"#, Some("application/vnd.oci.image.config.v1+json"), "x")
-                .unwrap_err(),
+            parse_document(
+                br#"{"layers":[]}"#,
+                Some("application/vnd.oci.image.config.v1+json"),
+                "x"
+            )
+            .unwrap_err(),
             SelectError::MediaType { .. }
         ));
     }
 
     #[test]
     fn platform_selection() {
-        let idx = index(&[("linux", "amd64", None), ("linux", "arm64", Some("v8")), ("linux", "arm", Some("v7"))]);
+        let idx = index(&[
+            ("linux", "amd64", None),
+            ("linux", "arm64", Some("v8")),
+            ("linux", "arm", Some("v7")),
+        ]);
         let Document::Index(idx) = parse_document(idx.as_bytes(), None, "i").unwrap() else {
             panic!()
         };
-        let pick = |p: &str| select_platform(&idx, &p.parse().unwrap(), "i").map(|d| d.digest().to_string());
+        let pick = |p: &str| {
+            select_platform(&idx, &p.parse().unwrap(), "i").map(|d| d.digest().to_string())
+        };
         assert!(pick("linux/amd64").unwrap().ends_with("0"));
         assert!(pick("linux/arm64").unwrap().ends_with("1"));
         assert!(pick("linux/aarch64/v8").unwrap().ends_with("1"));
         assert!(pick("linux/arm/v7").unwrap().ends_with("2"));
         let e = pick("linux/s390x").unwrap_err().to_string();
-        assert!(e.contains("linux/amd64, linux/arm64/v8, linux/arm/v7"), "{e}");
+        assert!(
+            e.contains("linux/amd64, linux/arm64/v8, linux/arm/v7"),
+            "{e}"
+        );
         assert!("linux".parse::<Platform>().is_err());
         assert!("linux/amd64/v2/x".parse::<Platform>().is_err());
     }
@@ -464,16 +484,26 @@ mod tests {
     #[test]
     fn compression_from_media_type_and_bytes() {
         assert_eq!(
-            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip", "d").unwrap(),
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip", "d")
+                .unwrap(),
             Compression::Gzip
         );
         assert_eq!(
-            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd", "d").unwrap(),
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd", "d")
+                .unwrap(),
             Compression::Zstd
         );
-        assert!(Compression::from_media_type("application/vnd.oci.image.config.v1+json", "d").is_err());
-        assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Some(Compression::Gzip));
-        assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd]), Some(Compression::Zstd));
+        assert!(
+            Compression::from_media_type("application/vnd.oci.image.config.v1+json", "d").is_err()
+        );
+        assert_eq!(
+            Compression::sniff(&[0x1f, 0x8b, 8]),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Some(Compression::Zstd)
+        );
         assert_eq!(Compression::sniff(b"PK\x03\x04"), None);
     }
 }

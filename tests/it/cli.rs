@@ -28,7 +28,12 @@ fn bad_reference_is_one_clear_line() {
 #[test]
 fn missing_archive_names_the_file() {
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", "docker-archive:/nonexistent/app.tar", "--format", "tar"]);
+    let out = s.oci2uk(&[
+        "build",
+        "docker-archive:/nonexistent/app.tar",
+        "--format",
+        "tar",
+    ]);
     assert_fails(&out, 1, &["/nonexistent/app.tar"]);
     let out = s.oci2uk(&["build", "oci:/nonexistent/layout:x", "--format", "tar"]);
     assert_fails(&out, 1, &["/nonexistent/layout"]);
@@ -38,28 +43,48 @@ fn missing_archive_names_the_file() {
 #[test]
 fn bare_image_means_build_and_names_the_output() {
     let s = Scratch::new();
-    let src = format!("docker-archive:{}", conformance("source_image.tar").display());
+    let src = format!(
+        "docker-archive:{}",
+        conformance("source_image.tar").display()
+    );
     let out = s.oci2uk(&[&src, "--format", "tar", "--json"]);
     assert_ok(&out);
     assert_eq!(s.outputs(), vec!["source_image.tar".to_string()]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     let data = std::fs::read(s.path().join("work/source_image.tar")).unwrap();
     assert_eq!(v["output"], "source_image.tar");
-    assert_eq!(v["sha256"].as_str().unwrap(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)));
+    assert_eq!(
+        v["sha256"].as_str().unwrap(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
+    );
     assert_eq!(v["size"].as_u64().unwrap(), data.len() as u64);
-    assert!(v["manifest_digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(v["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
 }
 
 #[test]
 fn stdout_output_is_the_same_bytes() {
     let s = Scratch::new();
-    let src = format!("docker-archive:{}", conformance("source_image.tar").display());
+    let src = format!(
+        "docker-archive:{}",
+        conformance("source_image.tar").display()
+    );
     let file = s.oci2uk(&["build", &src, "--format", "tar", "-o", "f.tar", "--quiet"]);
     assert_ok(&file);
     let piped = s.oci2uk(&["build", &src, "--format", "tar", "-o", "-", "--quiet"]);
     assert_ok(&piped);
-    assert_eq!(piped.stdout, std::fs::read(s.path().join("work/f.tar")).unwrap());
-    assert!(piped.stderr.is_empty(), "--quiet prints nothing: {}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(
+        piped.stdout,
+        std::fs::read(s.path().join("work/f.tar")).unwrap()
+    );
+    assert!(
+        piped.stderr.is_empty(),
+        "--quiet prints nothing: {}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
 }
 
 #[test]
@@ -67,17 +92,30 @@ fn failure_keeps_an_existing_output() {
     let s = Scratch::new();
     std::fs::create_dir_all(s.path().join("work")).unwrap();
     std::fs::write(s.path().join("work/no_manifest.tar"), b"previous").unwrap();
-    let src = format!("docker-archive:{}", conformance("no_manifest.tar").display());
+    let src = format!(
+        "docker-archive:{}",
+        conformance("no_manifest.tar").display()
+    );
     let out = s.oci2uk(&[&src, "--format", "tar"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(std::fs::read(s.path().join("work/no_manifest.tar")).unwrap(), b"previous");
-    assert_eq!(s.outputs(), vec!["no_manifest.tar".to_string()], "no temporary left");
+    assert_eq!(
+        std::fs::read(s.path().join("work/no_manifest.tar")).unwrap(),
+        b"previous"
+    );
+    assert_eq!(
+        s.outputs(),
+        vec!["no_manifest.tar".to_string()],
+        "no temporary left"
+    );
 }
 
 #[test]
 fn unavailable_format_is_a_clear_error() {
     let s = Scratch::new();
-    let src = format!("docker-archive:{}", conformance("source_image.tar").display());
+    let src = format!(
+        "docker-archive:{}",
+        conformance("source_image.tar").display()
+    );
     let out = s.oci2uk(&[&src]);
     assert_fails(&out, 1, &["--format elf"]);
     assert!(s.outputs().is_empty());

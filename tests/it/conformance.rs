@@ -9,7 +9,13 @@ fn file<'a>(path: &'a str, sha12: &'a str) -> (&'a str, &'a str, Option<u32>) {
     (path, sha12, None)
 }
 
-fn check(archive: &str, selector: Option<&str>, dirs: &[&str], files: &[(&str, &str, Option<u32>)], symlinks: &[(&str, &str)]) {
+fn check(
+    archive: &str,
+    selector: Option<&str>,
+    dirs: &[&str],
+    files: &[(&str, &str, Option<u32>)],
+    symlinks: &[(&str, &str)],
+) {
     let s = Scratch::new();
     let mut src = format!("docker-archive:{}", conformance(archive).display());
     if let Some(sel) = selector {
@@ -38,38 +44,78 @@ fn check(archive: &str, selector: Option<&str>, dirs: &[&str], files: &[(&str, &
         }
     }
     for (p, target) in symlinks {
-        assert_eq!(tree[*p].kind, Kind::Symlink(target.to_string()), "{archive}: {p}");
+        assert_eq!(
+            tree[*p].kind,
+            Kind::Symlink(target.to_string()),
+            "{archive}: {p}"
+        );
     }
 }
 
 #[test]
 fn whiteout_dir() {
-    check("whiteout_dir.tar", None, &["a", "b"], &[file("a/baz", "e3b0c44298fc"), file("b/bar", "e3b0c44298fc")], &[]);
+    check(
+        "whiteout_dir.tar",
+        None,
+        &["a", "b"],
+        &[file("a/baz", "e3b0c44298fc"), file("b/bar", "e3b0c44298fc")],
+        &[],
+    );
 }
 
 #[test]
 fn whiteout_image() {
-    check("whiteout_image.tar", None, &[], &[file("bar.txt", "7d865e959b24")], &[]);
+    check(
+        "whiteout_image.tar",
+        None,
+        &[],
+        &[file("bar.txt", "7d865e959b24")],
+        &[],
+    );
 }
 
 #[test]
 fn overwritten_file() {
-    check("overwritten_file.tar", None, &[], &[file("bar.txt", "7d865e959b24")], &[("foo.txt", "bar.txt")]);
+    check(
+        "overwritten_file.tar",
+        None,
+        &[],
+        &[file("bar.txt", "7d865e959b24")],
+        &[("foo.txt", "bar.txt")],
+    );
 }
 
 #[test]
 fn source_image() {
-    check("source_image.tar", None, &[], &[file("bar", "7d865e959b24"), file("foo", "b5bb9d8014a0")], &[]);
+    check(
+        "source_image.tar",
+        None,
+        &[],
+        &[file("bar", "7d865e959b24"), file("foo", "b5bb9d8014a0")],
+        &[],
+    );
 }
 
 #[test]
 fn hello_world_v25() {
-    check("hello-world-v25.tar", None, &[], &[file("hello", "4bdd840f996a")], &[]);
+    check(
+        "hello-world-v25.tar",
+        None,
+        &[],
+        &[file("hello", "4bdd840f996a")],
+        &[],
+    );
 }
 
 #[test]
 fn test_image_1() {
-    check("test_image_1.tar", None, &[], &[file("bar", "7d865e959b24"), file("foo", "b5bb9d8014a0")], &[]);
+    check(
+        "test_image_1.tar",
+        None,
+        &[],
+        &[file("bar", "7d865e959b24"), file("foo", "b5bb9d8014a0")],
+        &[],
+    );
 }
 
 #[test]
@@ -78,7 +124,10 @@ fn test_link_selectors() {
         "test_link.tar",
         Some("bazel/v1/tarball:test_image_1"),
         &[],
-        &[("bar", "7d865e959b24", Some(0o555)), ("foo", "b5bb9d8014a0", Some(0o555))],
+        &[
+            ("bar", "7d865e959b24", Some(0o555)),
+            ("foo", "b5bb9d8014a0", Some(0o555)),
+        ],
         &[],
     );
     check(
@@ -105,11 +154,18 @@ fn test_link_without_selector_names_both_images() {
 
 #[test]
 fn broken_archives_are_refused() {
-    for (name, needle) in [("no_manifest.tar", "manifest.json"), ("null_manifest.tar", "manifest.json")] {
+    for (name, needle) in [
+        ("no_manifest.tar", "manifest.json"),
+        ("null_manifest.tar", "manifest.json"),
+    ] {
         let s = Scratch::new();
         let src = format!("docker-archive:{}", conformance(name).display());
         let out = s.oci2uk(&["build", &src, "--format", "tar"]);
         assert_fails(&out, 1, &[name, needle]);
-        assert!(s.outputs().is_empty(), "{name}: no output left: {:?}", s.outputs());
+        assert!(
+            s.outputs().is_empty(),
+            "{name}: no output left: {:?}",
+            s.outputs()
+        );
     }
 }

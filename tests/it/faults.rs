@@ -43,7 +43,14 @@ fn start_proxy(upstream: String, blob_script: Vec<Fault>, manifest_script: Vec<F
             let (upstream, log, counters) = (upstream.clone(), log2.clone(), counters.clone());
             let (blob_script, manifest_script) = (blob_script.clone(), manifest_script.clone());
             thread::spawn(move || {
-                let _ = serve(conn, &upstream, &log, &counters, &blob_script, &manifest_script);
+                let _ = serve(
+                    conn,
+                    &upstream,
+                    &log,
+                    &counters,
+                    &blob_script,
+                    &manifest_script,
+                );
             });
         }
     });
@@ -87,13 +94,21 @@ fn serve(
             blob_script.get(c.0 - 1).copied().unwrap_or(Fault::Forward)
         } else if is_manifest {
             c.1 += 1;
-            manifest_script.get(c.1 - 1).copied().unwrap_or(Fault::Forward)
+            manifest_script
+                .get(c.1 - 1)
+                .copied()
+                .unwrap_or(Fault::Forward)
         } else {
             Fault::Forward
         }
     };
-    let range = head.iter().any(|h| h.to_ascii_lowercase().starts_with("range:"));
-    log.lock().unwrap().requests.push(format!("{request_line} {fault:?}{}", if range { " range" } else { "" }));
+    let range = head
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("range:"));
+    log.lock().unwrap().requests.push(format!(
+        "{request_line} {fault:?}{}",
+        if range { " range" } else { "" }
+    ));
     let mut client = client;
     match fault {
         Fault::TooMany => {
@@ -127,28 +142,59 @@ fn serve(
 }
 
 fn pull_via(proxy: &Proxy, s: &Scratch, image: &str) -> std::process::Output {
-    s.oci2uk(&["build", &format!("{}/{image}", proxy.addr), "--format", "tar", "-o", "out.tar", "--quiet"])
+    s.oci2uk(&[
+        "build",
+        &format!("{}/{image}", proxy.addr),
+        "--format",
+        "tar",
+        "-o",
+        "out.tar",
+        "--quiet",
+    ])
 }
 
 #[test]
 fn transient_faults_give_the_same_bytes() {
     let upstream = env("OCI2UK_TEST_REGISTRY");
     let direct = Scratch::new();
-    assert_ok(&direct.oci2uk(&["build", &format!("{upstream}/nginx:latest"), "--format", "tar", "-o", "out.tar", "--quiet"]));
+    assert_ok(&direct.oci2uk(&[
+        "build",
+        &format!("{upstream}/nginx:latest"),
+        "--format",
+        "tar",
+        "-o",
+        "out.tar",
+        "--quiet",
+    ]));
     let expected = std::fs::read(direct.path().join("work/out.tar")).unwrap();
 
     use Fault::*;
     let proxy = start_proxy(
         upstream,
-        vec![TooMany, Unavailable, Reset, CutHalf, CutHalf, Forward, CutHalf],
+        vec![
+            TooMany,
+            Unavailable,
+            Reset,
+            CutHalf,
+            CutHalf,
+            Forward,
+            CutHalf,
+        ],
         vec![Unavailable, Reset],
     );
     let s = Scratch::new();
     let out = pull_via(&proxy, &s, "nginx:latest");
     let log = proxy.log.lock().unwrap().requests.join("\n");
     assert_ok(&out);
-    assert_eq!(std::fs::read(s.path().join("work/out.tar")).unwrap(), expected, "requests:\n{log}");
-    assert!(log.contains("range"), "an interrupted blob is resumed with Range:\n{log}");
+    assert_eq!(
+        std::fs::read(s.path().join("work/out.tar")).unwrap(),
+        expected,
+        "requests:\n{log}"
+    );
+    assert!(
+        log.contains("range"),
+        "an interrupted blob is resumed with Range:\n{log}"
+    );
 }
 
 #[test]
@@ -158,7 +204,9 @@ fn permanent_fault_is_one_clear_line_and_no_output() {
     let out = pull_via(&proxy, &s, "busybox:latest");
     assert_fails(&out, 1, &["sha256:"]);
     assert!(s.outputs().is_empty(), "no output left: {:?}", s.outputs());
-    let blobs = std::fs::read_dir(s.cache().join("blobs/sha256")).unwrap().count();
+    let blobs = std::fs::read_dir(s.cache().join("blobs/sha256"))
+        .unwrap()
+        .count();
     let tmp = std::fs::read_dir(s.cache().join("tmp")).unwrap().count();
     assert_eq!(tmp, 0, "no temporary left in the cache");
     // Every blob request fails, so at most the manifest document can be cached.

@@ -22,13 +22,19 @@ fn umoci_tree(tag: &str) -> Tree {
             .arg(&dir)
             .output()
             .expect("umoci is installed (testregistry/install.sh)");
-        assert!(out.status.success(), "umoci raw unpack {tag}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "umoci raw unpack {tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     tree_from_dir(&dir)
 }
 
 fn pull_tree(s: &Scratch, image: &str, extra: &[&str]) -> (Tree, Vec<u8>) {
-    let mut args = vec!["build", image, "--format", "tar", "-o", "out.tar", "--quiet"];
+    let mut args = vec![
+        "build", image, "--format", "tar", "-o", "out.tar", "--quiet",
+    ];
     args.extend_from_slice(extra);
     let out = s.oci2uk(&args);
     assert_ok(&out);
@@ -43,7 +49,11 @@ fn registry_image(name: &str) -> String {
 #[test]
 fn nginx_gzip_equals_umoci() {
     let (ours, _) = pull_tree(&Scratch::new(), &registry_image("nginx:latest"), &[]);
-    assert!(ours.len() > 1000, "a Debian tree has thousands of entries, got {}", ours.len());
+    assert!(
+        ours.len() > 1000,
+        "a Debian tree has thousands of entries, got {}",
+        ours.len()
+    );
     assert_same_tree(&ours, &umoci_tree("nginx"), "nginx:latest");
 }
 
@@ -72,7 +82,10 @@ fn oci_layout_transport_equals_the_registry_pull() {
     let (from_layout, a) = pull_tree(&s, &format!("oci:{}:nginx", env("OCI2UK_TEST_LAYOUT")), &[]);
     let (from_registry, b) = pull_tree(&Scratch::new(), &registry_image("nginx:latest"), &[]);
     assert_same_tree(&from_layout, &from_registry, "oci: vs docker://");
-    assert_eq!(a, b, "the same image gives the same bytes whatever the transport");
+    assert_eq!(
+        a, b,
+        "the same image gives the same bytes whatever the transport"
+    );
 }
 
 #[test]
@@ -87,16 +100,33 @@ fn output_is_reproducible_across_caches() {
 #[test]
 fn pull_by_digest_and_a_wrong_digest() {
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", &registry_image("busybox:latest"), "--format", "tar", "-o", "a.tar", "--json"]);
+    let out = s.oci2uk(&[
+        "build",
+        &registry_image("busybox:latest"),
+        "--format",
+        "tar",
+        "-o",
+        "a.tar",
+        "--json",
+    ]);
     assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let digest = v["manifest_digest"].as_str().unwrap().to_string();
     let by_digest = format!("{}/busybox@{digest}", env("OCI2UK_TEST_REGISTRY"));
-    let out = s.oci2uk(&["build", &by_digest, "--format", "tar", "-o", "b.tar", "--quiet"]);
+    let out = s.oci2uk(&[
+        "build", &by_digest, "--format", "tar", "-o", "b.tar", "--quiet",
+    ]);
     assert_ok(&out);
     let work = s.path().join("work");
-    assert_eq!(std::fs::read(work.join("a.tar")).unwrap(), std::fs::read(work.join("b.tar")).unwrap());
-    let missing = format!("{}/busybox@sha256:{}", env("OCI2UK_TEST_REGISTRY"), "0".repeat(64));
+    assert_eq!(
+        std::fs::read(work.join("a.tar")).unwrap(),
+        std::fs::read(work.join("b.tar")).unwrap()
+    );
+    let missing = format!(
+        "{}/busybox@sha256:{}",
+        env("OCI2UK_TEST_REGISTRY"),
+        "0".repeat(64)
+    );
     let out = s.oci2uk(&["build", &missing, "--format", "tar", "-o", "c.tar"]);
     assert_fails(&out, 1, &["busybox"]);
     assert!(!work.join("c.tar").exists());
@@ -117,18 +147,38 @@ fn index_platforms() {
         panic!("no bin/busybox");
     };
     let s = Scratch::new();
-    let (_, amd) = pull_tree(&s, &registry_image("multi:latest"), &["--platform", "linux/amd64"]);
+    let (_, amd) = pull_tree(
+        &s,
+        &registry_image("multi:latest"),
+        &["--platform", "linux/amd64"],
+    );
     assert_eq!(elf_machine(&amd), 62, "x86_64 busybox");
-    let (_, arm) = pull_tree(&s, &registry_image("multi:latest"), &["--platform", "linux/arm64"]);
+    let (_, arm) = pull_tree(
+        &s,
+        &registry_image("multi:latest"),
+        &["--platform", "linux/arm64"],
+    );
     assert_eq!(elf_machine(&arm), 183, "aarch64 busybox");
-    let out = s.oci2uk(&["build", &registry_image("multi:latest"), "--format", "tar", "--platform", "linux/s390x"]);
+    let out = s.oci2uk(&[
+        "build",
+        &registry_image("multi:latest"),
+        "--format",
+        "tar",
+        "--platform",
+        "linux/s390x",
+    ]);
     assert_fails(&out, 1, &["linux/s390x", "linux/amd64", "linux/arm64"]);
 }
 
 #[test]
 fn missing_image_is_one_clear_line() {
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", &registry_image("no/such/image:1"), "--format", "tar"]);
+    let out = s.oci2uk(&[
+        "build",
+        &registry_image("no/such/image:1"),
+        "--format",
+        "tar",
+    ]);
     assert_fails(&out, 1, &["no/such/image"]);
     assert!(s.outputs().is_empty());
 }
@@ -149,7 +199,16 @@ fn assert_no_secret(out: &std::process::Output) {
 fn htpasswd_registry() {
     let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY_HTPASSWD"));
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "b.tar", "--creds", &creds()]);
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--format",
+        "tar",
+        "-o",
+        "b.tar",
+        "--creds",
+        &creds(),
+    ]);
     assert_ok(&out);
     assert_no_secret(&out);
     let (_, plain) = pull_tree(&Scratch::new(), &registry_image("busybox:latest"), &[]);
@@ -172,8 +231,19 @@ fn htpasswd_registry_with_an_authfile() {
     let host = env("OCI2UK_TEST_REGISTRY_HTPASSWD");
     let auth = base64::engine::general_purpose::STANDARD.encode(creds());
     let file = s.path().join("auth.json");
-    std::fs::write(&file, format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
-    let out = s.oci2uk(&["build", &format!("{host}/busybox:latest"), "--format", "tar", "--authfile", file.to_str().unwrap()]);
+    std::fs::write(
+        &file,
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    let out = s.oci2uk(&[
+        "build",
+        &format!("{host}/busybox:latest"),
+        "--format",
+        "tar",
+        "--authfile",
+        file.to_str().unwrap(),
+    ]);
     assert_ok(&out);
     assert_no_secret(&out);
 }
@@ -182,7 +252,16 @@ fn htpasswd_registry_with_an_authfile() {
 fn token_registry() {
     let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY_TOKEN"));
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "b.tar", "--creds", &creds()]);
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--format",
+        "tar",
+        "-o",
+        "b.tar",
+        "--creds",
+        &creds(),
+    ]);
     assert_ok(&out);
     assert_no_secret(&out);
     let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "c.tar"]);
@@ -195,13 +274,30 @@ fn tls_registry_with_a_ca() {
     let tls = env("OCI2UK_TEST_REGISTRY_TLS");
     let image = format!("{tls}/busybox:latest");
     let s = Scratch::new();
-    let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "b.tar", "--ca-cert", &env("OCI2UK_TEST_CA")]);
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--format",
+        "tar",
+        "-o",
+        "b.tar",
+        "--ca-cert",
+        &env("OCI2UK_TEST_CA"),
+    ]);
     assert_ok(&out);
     // Without the CA the certificate is not trusted, and a loopback registry that speaks TLS
     // is not silently downgraded to plain HTTP.
     let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "c.tar"]);
     assert_fails(&out, 1, &[&tls]);
     // --insecure skips verification.
-    let out = s.oci2uk(&["build", &image, "--format", "tar", "-o", "d.tar", "--insecure"]);
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--format",
+        "tar",
+        "-o",
+        "d.tar",
+        "--insecure",
+    ]);
     assert_ok(&out);
 }

@@ -56,13 +56,25 @@ pub fn tree_from_tar(bytes: &[u8]) -> Tree {
             tar::EntryType::Regular => {
                 let mut data = Vec::new();
                 e.read_to_end(&mut data).unwrap();
-                Kind::File { size: data.len() as u64, sha256: sha256_hex(&data) }
+                Kind::File {
+                    size: data.len() as u64,
+                    sha256: sha256_hex(&data),
+                }
             }
-            tar::EntryType::Symlink => {
-                Kind::Symlink(e.link_name().unwrap().unwrap().to_string_lossy().into_owned())
-            }
+            tar::EntryType::Symlink => Kind::Symlink(
+                e.link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
             tar::EntryType::Link => {
-                let target = e.link_name().unwrap().unwrap().to_string_lossy().into_owned();
+                let target = e
+                    .link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 let t = tree.get(target.trim_end_matches('/')).unwrap_or_else(|| {
                     panic!("hardlink {path} to {target}, which comes later or not at all")
                 });
@@ -79,7 +91,15 @@ pub fn tree_from_tar(bytes: &[u8]) -> Tree {
             tar::EntryType::Fifo => Kind::Fifo,
             other => panic!("unexpected entry type {other:?} at {path}"),
         };
-        let prev = tree.insert(path.clone(), Entry { kind, mode, uid, gid });
+        let prev = tree.insert(
+            path.clone(),
+            Entry {
+                kind,
+                mode,
+                uid,
+                gid,
+            },
+        );
         assert!(prev.is_none(), "duplicate member {path}");
     }
     tree
@@ -103,7 +123,10 @@ fn walk(root: &Path, dir: &Path, tree: &mut Tree) {
             Kind::Dir
         } else if ft.is_file() {
             let data = fs::read(&p).unwrap();
-            Kind::File { size: data.len() as u64, sha256: sha256_hex(&data) }
+            Kind::File {
+                size: data.len() as u64,
+                sha256: sha256_hex(&data),
+            }
         } else if ft.is_symlink() {
             Kind::Symlink(fs::read_link(&p).unwrap().to_string_lossy().into_owned())
         } else if ft.is_char_device() {
@@ -117,7 +140,12 @@ fn walk(root: &Path, dir: &Path, tree: &mut Tree) {
         };
         tree.insert(
             rel,
-            Entry { kind, mode: md.mode() & 0o7777, uid: md.uid() as u64, gid: md.gid() as u64 },
+            Entry {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid() as u64,
+                gid: md.gid() as u64,
+            },
         );
         if ft.is_dir() {
             walk(root, &p, tree);
@@ -139,7 +167,9 @@ pub fn assert_same_tree(ours: &Tree, theirs: &Tree, what: &str) {
     for (p, e) in ours {
         match theirs.get(p) {
             None => diffs.push(format!("only in oci2uk: {p} {e:?}")),
-            Some(t) if t != e => diffs.push(format!("differs: {p}\n   oci2uk: {e:?}\n   other:  {t:?}")),
+            Some(t) if t != e => {
+                diffs.push(format!("differs: {p}\n   oci2uk: {e:?}\n   other:  {t:?}"))
+            }
             _ => {}
         }
     }
@@ -154,7 +184,12 @@ pub fn assert_same_tree(ours: &Tree, theirs: &Tree, what: &str) {
         diffs.len(),
         ours.len(),
         theirs.len(),
-        diffs.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        diffs
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -165,7 +200,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -192,7 +229,10 @@ impl Scratch {
     /// The files the command left in its working directory.
     pub fn outputs(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.dir.path().join("work"))
-            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
