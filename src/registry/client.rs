@@ -97,7 +97,11 @@ impl Retrier<'_> {
         self.failures += 1;
         self.total += 1;
         // Progress resets the count (a slow, flaky link still gets there), within a bound.
-        if self.failures >= self.policy.attempts || self.total >= self.policy.attempts * 4 {
+        // An untrusted certificate will not become trusted by asking again.
+        if self.failures >= self.policy.attempts
+            || self.total >= self.policy.attempts * 4
+            || !hint_for(&cause).is_empty()
+        {
             return Err(RegistryError::Exhausted {
                 what: std::mem::take(&mut self.what),
                 registry: self.registry.to_string(),
@@ -185,8 +189,14 @@ impl Session {
             .contains_key(&endpoint);
         let mut scheme = if remembered { "http" } else { "https" };
         let mut tried_http = remembered;
+        // First contact gives up sooner: a registry that is down or misnamed is more likely
+        // than one that is restarting, and the user should hear about it quickly.
+        let ping_policy = Policy {
+            attempts: tuning.policy.attempts.min(3),
+            ..tuning.policy.clone()
+        };
         let mut retry = Retrier {
-            policy: &tuning.policy,
+            policy: &ping_policy,
             registry: &registry,
             what: "the API root".into(),
             path: "/v2/".into(),

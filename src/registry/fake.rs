@@ -314,6 +314,8 @@ pub enum Fault {
     Unframed,
     /// A wrong `Docker-Content-Digest`.
     WrongDigestHeader,
+    /// A `401` with the registry's challenge, whatever the credentials (an expired token).
+    Challenge,
 }
 
 /// The registry: content, authentication, and faults per path (one-shot ones in order, then a
@@ -373,18 +375,23 @@ impl Registry {
 
     fn handle(&self, req: &Request) -> Reply {
         let path = req.path().to_string();
-        let authorized = match &self.auth {
-            Auth::None => true,
-            Auth::Basic { user, pass } => {
-                use base64::Engine as _;
-                let want =
-                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-                req.header("authorization") == Some(&format!("Basic {want}"))
-            }
-            Auth::Bearer { token, .. } => {
-                req.header("authorization") == Some(&format!("Bearer {token}"))
-            }
-        };
+        let mut fault = None;
+        if path != "/v2/" {
+            fault = self.next_fault(&path);
+        }
+        let authorized = !matches!(fault, Some(Fault::Challenge))
+            && match &self.auth {
+                Auth::None => true,
+                Auth::Basic { user, pass } => {
+                    use base64::Engine as _;
+                    let want =
+                        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+                    req.header("authorization") == Some(&format!("Basic {want}"))
+                }
+                Auth::Bearer { token, .. } => {
+                    req.header("authorization") == Some(&format!("Bearer {token}"))
+                }
+            };
         if !authorized {
             let challenge = match &self.auth {
                 Auth::Basic { .. } => r#"Basic realm="fake registry""#.to_string(),
@@ -396,7 +403,7 @@ impl Registry {
                         r#"Bearer realm="{realm}",service="fake",scope="repository:{REPO}:pull""#
                     )
                 }
-                Auth::None => unreachable!(),
+                Auth::None => r#"Basic realm="fake registry""#.to_string(),
             };
             return Reply::new(
                 401,
@@ -407,7 +414,6 @@ impl Registry {
         if path == "/v2/" {
             return Reply::new(200, "{}").header("Docker-Distribution-API-Version", "registry/2.0");
         }
-        let fault = self.next_fault(&path);
         if let Some(Fault::Status(s, retry_after)) = &fault {
             let mut r = Reply::new(
                 *s,

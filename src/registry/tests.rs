@@ -412,6 +412,23 @@ async fn bearer_tokens_come_from_the_realm_with_the_credentials() {
         }
     }
 
+    // A token the registry stops accepting mid-pull is renewed once.
+    let before = tokens.requests().len();
+    reg.faults(&format!("/v2/{REPO}/manifests/1"), &[Fault::Challenge]);
+    let s2 = cache();
+    pull_ref(
+        &image_ref(&server.host(), "1"),
+        &options(Some("bob:hunter2")),
+        &s2.cache,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tokens.requests().len(),
+        before + 2,
+        "one at the ping, one renewal"
+    );
+
     // The token service refuses other credentials.
     let e = pull_ref(
         &image_ref(&server.host(), "1"),
