@@ -12,7 +12,7 @@
 //!   whole blob instead restarts it. A blob that fails verification is fetched once more from
 //!   scratch before giving up.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -44,7 +44,7 @@ pub(crate) struct Tuning {
 }
 
 /// Registries (`host:port`) found to speak plain HTTP during this run.
-static PLAIN_HTTP: LazyLock<Mutex<HashMap<String, ()>>> = LazyLock::new(Default::default);
+static PLAIN_HTTP: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
 
 /// The outcome of one failed attempt.
 pub(crate) enum Failure {
@@ -183,10 +183,7 @@ impl Session {
             })
         };
         let may_fall_back = r.is_loopback() || opts.insecure;
-        let remembered = PLAIN_HTTP
-            .lock()
-            .expect("not poisoned")
-            .contains_key(&endpoint);
+        let remembered = PLAIN_HTTP.lock().expect("not poisoned").contains(&endpoint);
         let mut scheme = if remembered { "http" } else { "https" };
         let mut tried_http = remembered;
         // First contact gives up sooner: a registry that is down or misnamed is more likely
@@ -220,7 +217,7 @@ impl Session {
                             PLAIN_HTTP
                                 .lock()
                                 .expect("not poisoned")
-                                .insert(endpoint.clone(), ());
+                                .insert(endpoint.clone());
                             scheme = "http";
                             result = Ok(resp);
                         }
@@ -715,7 +712,11 @@ impl Session {
             tracing::debug!(%digest, "in the cache");
             return Ok(path);
         }
-        let bar = bar.map_or_else(ProgressBar::hidden, |(p, label)| p.bytes(label, size));
+        // Cleared however this ends, so a failed pull leaves no half-drawn bars behind its
+        // error line.
+        let bar = bar
+            .map_or_else(ProgressBar::hidden, |(p, label)| p.bytes(label, size))
+            .with_finish(indicatif::ProgressFinish::AndClear);
         let path = format!("/v2/{}/blobs/{digest}", self.repository);
         let mut writer = cache.writer(digest, size)?;
         let mut retry = self.retrier(what.to_string(), &path);
