@@ -2,21 +2,23 @@
 //! cache out.
 //!
 //! The client speaks the OCI distribution protocol on `reqwest` directly rather than through
-//! `oci-client`, whose pull path has no retries (let alone `Retry-After`), cannot resume an
-//! interrupted blob with a `Range` request, reads manifests and configs without a size cap,
-//! follows redirects with reqwest's policy (so it cannot promise that `Authorization` never
-//! reaches a blob CDN), and has no loopback HTTPS-to-HTTP fallback. The documents themselves
-//! are `oci-spec` types, parsed and selected by [`crate::image::select`].
+//! `oci-client` 0.18, which falls short here: its pulls have no retries (let alone
+//! `Retry-After`); it can ask for a blob range but does not resume an interrupted download;
+//! it reads manifests and configs whole (`bytes()`) with no size cap; and it knows plain HTTP
+//! only for registries listed up front (`ClientProtocol::HttpsExcept`), with no loopback
+//! fallback. Following redirects by hand (rather than with reqwest's policy) also keeps the
+//! rule "`Authorization` goes to the registry's origin only" in one place. The documents
+//! themselves are `oci-spec` types, parsed and selected by [`crate::image::select`].
 //!
-//! - [`transport`]: the HTTP clients (system roots plus `--ca-cert`, `--insecure`), manual
+//! - `transport`: the HTTP clients (system roots plus `--ca-cert`, `--insecure`), manual
 //!   redirects that drop `Authorization` on leaving the registry, capped body reads.
-//! - [`client`]: a session with one repository: scheme discovery (`/v2/` ping, loopback
+//! - `client`: a session with one repository: scheme discovery (`/v2/` ping, loopback
 //!   fallback to plain HTTP), authentication, manifests, and blobs streamed into the cache
 //!   with retries and `Range` resume.
-//! - [`auth`]: `WWW-Authenticate` challenges and bearer token answers.
-//! - [`credentials`]: `--creds`, auth files (`--authfile`, `$REGISTRY_AUTH_FILE`, podman's and
+//! - `auth`: `WWW-Authenticate` challenges and bearer token answers.
+//! - `credentials`: `--creds`, auth files (`--authfile`, `$REGISTRY_AUTH_FILE`, podman's and
 //!   docker's defaults) and credential helpers.
-//! - [`retry`]: what is retried and how long to wait.
+//! - `retry`: what is retried and how long to wait.
 
 use std::path::PathBuf;
 
