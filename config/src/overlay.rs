@@ -1,0 +1,277 @@
+//! The override: a JSON object deep-merged over the baked configuration at boot.
+//!
+//! It comes from the kernel parameter `oci2uk.config=<base64url JSON>` (the last one on the
+//! command line wins; padding optional; a value starting with `{` is taken as plain JSON).
+//! Objects merge key by key; arrays and scalars replace; `null` removes a key (as in JSON Merge
+//! Patch, RFC 7396). An override's `cmdline` replaces the program and arguments of the main
+//! `rc` entry and keeps its working directory and user, so that changing argv at boot does not
+//! mean restating the whole entry.
+
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
+use serde_json::{Map, Value};
+
+use crate::model::Config;
+use crate::normalize::normalize_text;
+use crate::{Error, Result};
+
+/// The kernel parameter carrying the override.
+pub const OVERRIDE_PARAM: &str = "oci2uk.config";
+
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Merges `over` into `base`: objects key by key (recursively), `null` removes the key, anything
+/// else in `over` replaces what `base` has.
+pub fn merge(base: Value, over: Value) -> Value {
+    match (base, over) {
+        (Value::Object(mut base), Value::Object(over)) => {
+            for (k, v) in over {
+                if v.is_null() {
+                    base.remove(&k);
+                } else {
+                    let merged = merge(base.remove(&k).unwrap_or(Value::Null), v);
+                    base.insert(k, merged);
+                }
+            }
+            Value::Object(base)
+        }
+        // A new object still loses its nulls, so that an override never leaves one behind.
+        (_, Value::Object(over)) => merge(Value::Object(Map::new()), Value::Object(over)),
+        (_, over) => over,
+    }
+}
+
+/// Reads a configuration in any accepted form into the emitted form, validated.
+pub fn parse(text: &str) -> Result<Config> {
+    load(text, None)
+}
+
+/// The baked configuration with an override (the JSON text of `oci2uk.config`) merged over it.
+pub fn load(baked: &str, over: Option<&str>) -> Result<Config> {
+    let base = normalize_text(baked, false)?.value;
+    let Some(over) = over else {
+        return Config::from_value(base);
+    };
+    let over = normalize_text(over, true)?;
+    let mut merged = merge(base, over.value);
+    if let Some(words) = over.cmdline {
+        set_main_command(&mut merged, words);
+    }
+    Config::from_value(merged)
+}
+
+fn set_main_command(config: &mut Value, words: Vec<String>) {
+    let obj = config
+        .as_object_mut()
+        .expect("a configuration is an object");
+    let rc = obj.entry("rc").or_insert_with(|| Value::Array(Vec::new()));
+    if !rc.is_array() {
+        // Left for validation to report.
+        return;
+    }
+    let list = rc.as_array_mut().expect("checked");
+    if list.is_empty() {
+        list.push(Value::Object(Map::new()));
+    }
+    let main = list.last_mut().expect("not empty");
+    if let Value::Object(main) = main {
+        main.insert("bin".into(), words[0].clone().into());
+        main.insert("argv".into(), words[1..].into());
+    }
+}
+
+/// Splits a kernel command line into parameters as Linux does (`next_arg`): separated by
+/// spaces, double quotes group, a quoted value loses its quotes; `--` ends the kernel's part.
+pub fn kernel_params(cmdline: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut rest = cmdline.trim_start();
+    while !rest.is_empty() {
+        let mut in_quote = false;
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            if c == '"' {
+                in_quote = !in_quote;
+            } else if c.is_ascii_whitespace() && !in_quote {
+                end = i;
+                break;
+            }
+        }
+        let arg = &rest[..end];
+        rest = rest[end..].trim_start();
+        if arg == "--" {
+            break;
+        }
+        let (key, value) = match arg.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (arg, None),
+        };
+        let key = key.trim_start_matches('"').to_owned();
+        let value = value.map(|v| {
+            let v = v.strip_prefix('"').unwrap_or(v);
+            v.strip_suffix('"').unwrap_or(v).to_owned()
+        });
+        out.push((key.trim_end_matches('"').to_owned(), value));
+    }
+    out
+}
+
+/// The raw value of the last `oci2uk.config=` parameter on a kernel command line.
+pub fn find_override(cmdline: &str) -> Option<String> {
+    kernel_params(cmdline)
+        .into_iter()
+        .rev()
+        .find(|(k, v)| k == OVERRIDE_PARAM && v.is_some())
+        .and_then(|(_, v)| v)
+}
+
+/// The JSON text of an `oci2uk.config=` value: base64url with or without padding (the standard
+/// alphabet's `+` and `/` are accepted too), or JSON as it is when it starts with `{`.
+pub fn decode_override(value: &str) -> Result<String> {
+    let value = value.trim();
+    if value.starts_with('{') {
+        return Ok(value.to_owned());
+    }
+    let value = value.replace('+', "-").replace('/', "_");
+    let bytes = B64URL.decode(value.as_bytes()).map_err(Error::Base64)?;
+    String::from_utf8(bytes).map_err(Error::Utf8)
+}
+
+/// The value for `oci2uk.config=` carrying `over`: compact JSON, base64url without padding, so
+/// it needs no quoting on a command line.
+pub fn encode_override(over: &Value) -> String {
+    B64URL.encode(over.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_objects_replace_arrays_and_scalars() {
+        let base = json!({
+            "env": {"A": "1", "B": "2"},
+            "rc": [{"bin": "a"}, {"bin": "b"}],
+            "hostname": "x",
+            "oci2uk": {"modules": ["m1", "m2"], "stop_signal": "SIGQUIT"}
+        });
+        let over = json!({
+            "env": {"B": "3", "C": "4", "A": null},
+            "rc": [{"bin": "z"}],
+            "hostname": "y",
+            "oci2uk": {"modules": []},
+            "net": {"interfaces": {"eth0": {"addrs": [], "mtu": null}}}
+        });
+        assert_eq!(
+            merge(base, over),
+            json!({
+                "env": {"B": "3", "C": "4"},
+                "rc": [{"bin": "z"}],
+                "hostname": "y",
+                "oci2uk": {"modules": [], "stop_signal": "SIGQUIT"},
+                "net": {"interfaces": {"eth0": {"addrs": []}}}
+            })
+        );
+        assert_eq!(merge(json!({"a": 1}), json!(2)), json!(2));
+        assert_eq!(
+            merge(json!([1]), json!({"a": null, "b": 1})),
+            json!({"b": 1})
+        );
+    }
+
+    #[test]
+    fn kernel_params_like_linux() {
+        let p = kernel_params(
+            "console=ttyS0  quiet oci2uk.config=e30 \"a=b c\" d=\"e f\" -- oci2uk.config=x",
+        );
+        assert_eq!(
+            p,
+            vec![
+                ("console".into(), Some("ttyS0".into())),
+                ("quiet".into(), None),
+                ("oci2uk.config".into(), Some("e30".into())),
+                ("a".into(), Some("b c".into())),
+                ("d".into(), Some("e f".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn last_override_wins() {
+        let c = "oci2uk.config=AAA rdinit=/x oci2uk.config=e30 oci2uk.config";
+        assert_eq!(find_override(c).as_deref(), Some("e30"));
+        assert_eq!(find_override("quiet"), None);
+    }
+
+    #[test]
+    fn base64url_with_and_without_padding() {
+        let over = json!({"env": {"K": "v?>"}});
+        let enc = encode_override(&over);
+        assert!(!enc.contains(['=', '+', '/']), "{enc}");
+        assert_eq!(decode_override(&enc).unwrap(), over.to_string());
+        // `{"a":"??>"}` exercises both alphabets' last two characters; with and without `=`.
+        let text = "{\"a\":\"??>\"}";
+        for enc in ["eyJhIjoiPz8+In0=", "eyJhIjoiPz8-In0", "eyJhIjoiPz8-In0="] {
+            assert_eq!(decode_override(enc).unwrap(), text, "{enc}");
+        }
+        assert_eq!(decode_override("{\"env\":{}}").unwrap(), "{\"env\":{}}");
+        assert!(matches!(decode_override("e30*"), Err(Error::Base64(_))));
+        assert!(matches!(decode_override("_w"), Err(Error::Utf8(_))));
+    }
+
+    #[test]
+    fn load_merges_a_normalised_override() {
+        let baked = r#"{
+            "rc": [{"bin": "/docker-entrypoint.sh", "argv": ["nginx", "-g", "daemon off;"],
+                    "workdir": "/srv", "user": {"uid": 101, "gid": 101}}],
+            "env": {"PATH": "/usr/bin:/bin", "NGINX_VERSION": "1.27"},
+            "oci2uk": {"stop_signal": "SIGQUIT", "modules": ["/m/virtio.ko"]}
+        }"#;
+        let c = load(
+            baked,
+            Some(r#"{"env": ["DEBUG=1"], "cmdline": "sh -c 'exit 7'"}"#),
+        )
+        .unwrap();
+        assert_eq!(c.env["DEBUG"], "1");
+        assert_eq!(c.env["NGINX_VERSION"], "1.27");
+        let main = c.main().unwrap();
+        assert_eq!(main.bin, "sh");
+        assert_eq!(main.argv, ["-c", "exit 7"]);
+        assert_eq!(main.workdir.as_deref(), Some("/srv"));
+        assert_eq!(main.user.as_ref().unwrap().uid, 101);
+        assert_eq!(c.oci2uk.stop_signal.as_deref(), Some("SIGQUIT"));
+
+        let c = load(
+            baked,
+            Some(r#"{"rc": [{"bin": "true"}], "oci2uk": {"modules": []}}"#),
+        )
+        .unwrap();
+        assert_eq!(c.rc.len(), 1);
+        assert_eq!(c.rc[0].user, None);
+        assert!(c.oci2uk.modules.is_empty());
+
+        // The override goes through the same validation as the file.
+        let e = load(baked, Some(r#"{"rc": [{"bin": "x", "workdir": "rel"}]}"#)).unwrap_err();
+        assert!(e.to_string().contains("rc[0].workdir"), "{e}");
+        let e = load(baked, Some(r#"{"hostnme": "x"}"#)).unwrap_err();
+        assert!(matches!(e, Error::UnknownKey(_)), "{e}");
+
+        // A cmdline override with no baked rc makes the entry.
+        let c = load("{}", Some(r#"{"cmdline": "/bin/sh"}"#)).unwrap();
+        assert_eq!(c.rc[0].bin, "/bin/sh");
+    }
+
+    #[test]
+    fn override_of_a_rumprun_base_with_repeated_keys() {
+        let baked = r#"{"cmdline": "app", "env": "A=1", "env": "B=2"}"#;
+        let c = load(baked, Some(r#"{"env": {"B": null, "C": "3"}}"#)).unwrap();
+        assert_eq!(c.env.len(), 2);
+        assert_eq!(c.env["A"], "1");
+        assert_eq!(c.env["C"], "3");
+    }
+}

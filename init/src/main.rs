@@ -1,0 +1,2 @@
+//! PID 1 of an oci2uk guest.
+fn main() {}
