@@ -388,6 +388,11 @@ impl<R: Read> TarReader<R> {
             }
         }
 
+        if path.contains(&0) || link.contains(&0) {
+            // No filesystem can hold it, and a ustar field would cut it short.
+            return Err(invalid(&path, "a name or link target with a NUL byte"));
+        }
+
         let typeflag = header.entry_type().as_byte();
         let kind = match typeflag {
             b'0' | b'7' | b'S' => EntryType::File,
@@ -586,7 +591,7 @@ fn parse_map_0x(text: &[u8]) -> Option<Vec<(u64, u64)>> {
         .split(|b| *b == b',')
         .map(decimal)
         .collect::<Option<_>>()?;
-    if nums.len() % 2 != 0 {
+    if !nums.len().is_multiple_of(2) {
         return None;
     }
     Some(nums.chunks(2).map(|c| (c[0], c[1])).collect())

@@ -314,7 +314,8 @@ fn hardlink_through_a_symlinked_directory() {
 
 #[test]
 fn bad_hardlinks_are_refused() {
-    let cases: [(&str, fn(&FlattenError) -> bool); 4] = [
+    type Check = fn(&FlattenError) -> bool;
+    let cases: [(&str, Check); 4] = [
         ("dir", |e| matches!(e, FlattenError::HardlinkToDir { .. })),
         ("nothing", |e| {
             matches!(e, FlattenError::HardlinkMissing { .. })
@@ -424,7 +425,7 @@ fn names_leaving_the_root_are_refused() {
         let l = fx.layer(|t| {
             t.file(name, b"x");
         });
-        let err = fx.flatten(&[l.clone()]).unwrap_err();
+        let err = fx.flatten(std::slice::from_ref(&l)).unwrap_err();
         assert!(matches!(err, FlattenError::Escape { .. }), "{name}: {err}");
         let msg = err.to_string();
         assert!(
@@ -472,7 +473,7 @@ fn diff_id_mismatch() {
     });
     let mut l = fx.layer_as(&data, Compression::Gzip);
     l.diff_id = testutil::sha256(b"something else");
-    let err = fx.flatten(&[l.clone()]).unwrap_err();
+    let err = fx.flatten(std::slice::from_ref(&l)).unwrap_err();
     let FlattenError::DiffId {
         expected,
         actual,
@@ -519,7 +520,7 @@ fn media_type_is_checked_against_the_bytes() {
     ];
     for (blob, declared, found) in cases {
         let l = fx.blob(&blob, &data, declared);
-        let err = fx.flatten(&[l.clone()]).unwrap_err();
+        let err = fx.flatten(std::slice::from_ref(&l)).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, FlattenError::Compression { .. }), "{msg}");
         assert!(
@@ -599,7 +600,9 @@ fn decompression_bomb_stops_at_the_cap() {
     }
     let l = fx.blob(&blob, b"unknown", Compression::Gzip);
     let start = Instant::now();
-    let err = fx.flatten_max(&[l.clone()], 16 << 20).unwrap_err();
+    let err = fx
+        .flatten_max(std::slice::from_ref(&l), 16 << 20)
+        .unwrap_err();
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -622,7 +625,7 @@ fn cap_counts_all_layers() {
     let b = fx.layer(|t| {
         t.file("b", &[1u8; 6000]);
     });
-    assert!(fx.flatten_max(&[a.clone()], 10_000).is_ok());
+    assert!(fx.flatten_max(std::slice::from_ref(&a), 10_000).is_ok());
     let err = fx.flatten_max(&[a, b], 10_000).unwrap_err();
     assert!(matches!(err, FlattenError::TooLarge { .. }), "{err}");
 }
@@ -724,6 +727,13 @@ fn malformed_archives() {
         ),
         "{err}"
     );
+
+    let data = tar(|t| {
+        t.custom(b'0', "nul", "", b"", &[("path", b"a\0b")], |_| {});
+    });
+    let l = fx.layer_as(&data, Compression::Gzip);
+    let err = fx.flatten(&[l]).unwrap_err();
+    assert!(err.to_string().contains("NUL"), "{err}");
 
     let data = tar(|t| {
         t.raw(b'V', "volume", "", b"");
@@ -888,7 +898,7 @@ fn layers_are_deterministic() {
     let l = fx.layer(|t| {
         t.file("z", b"z").file("a/b", b"b").hardlink("h", "z");
     });
-    let a = fx.flatten(&[l.clone()]).unwrap();
+    let a = fx.flatten(std::slice::from_ref(&l)).unwrap();
     let b = fx.flatten(&[l]).unwrap();
     let dump = |t: &Tree| {
         t.entries()
@@ -896,4 +906,54 @@ fn layers_are_deterministic() {
             .collect::<Vec<_>>()
     };
     assert_eq!(dump(&a), dump(&b));
+}
+
+#[test]
+#[ignore = "a timing run: cargo test --release --lib flatten::tests::throughput -- --ignored --nocapture"]
+fn throughput() {
+    let mut fx = Fixture::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut t = TarBuilder::new();
+    let mut total = 0u64;
+    let mut i = 0;
+    while total < 256 << 20 {
+        // Mostly small files, some large, text-like bytes (gzip shrinks them about 2x).
+        let size = match next() % 100 {
+            0 => 4 << 20,
+            1..=10 => 64 << 10,
+            _ => (next() % 8192) as usize,
+        };
+        let data: Vec<u8> = (0..size)
+            .map(|_| b"abcdefghijklmnop \n"[(next() % 18) as usize])
+            .collect();
+        t.file(&format!("d{}/f{i}", i % 97), &data);
+        total += size as u64;
+        i += 1;
+    }
+    let data = t.finish();
+    let l = fx.layer_as(&data, Compression::Gzip);
+    let start = Instant::now();
+    let tree = fx.flatten(std::slice::from_ref(&l)).unwrap();
+    let flatten = start.elapsed();
+    let start = Instant::now();
+    crate::output::tar::write_tar(&tree, std::io::sink()).unwrap();
+    let write = start.elapsed();
+    let start = Instant::now();
+    let gz = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc < {} > /dev/null", l.path.display()))
+        .status();
+    let gunzip = start.elapsed();
+    eprintln!(
+        "{} files, {} MiB ({} MiB gzip): flatten {flatten:?}, write_tar {write:?}, gzip -dc {gunzip:?} ({gz:?})",
+        tree.len(),
+        data.len() >> 20,
+        l.size >> 20
+    );
 }
