@@ -15,13 +15,18 @@
 //! - [`flatten`]: layer blobs in, one [`flatten::Tree`] out (metadata in memory, file contents
 //!   spooled by digest).
 //! - [`output`]: a tree in, bytes out (the `tar` format).
+//! - [`kernel`]: a kernel image in (bzImage, vmlinux), a [`kernel::Kernel`] out: its vmlinux,
+//!   version, PVH entry, configuration and module tree.
+//! - [`bake`]: kernel + initramfs + command line in, one bootable PVH ELF out.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod bake;
 pub mod build;
 pub mod cache;
 pub mod flatten;
 pub mod image;
+pub mod kernel;
 pub mod output;
 pub mod progress;
 pub mod reference;

@@ -1,0 +1,1 @@
+//! The bake: kernel + initramfs + command line in, one bootable PVH ELF out.
