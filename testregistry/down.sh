@@ -14,22 +14,21 @@ if [[ ! -d $state ]]; then
 fi
 state=$(cd "$state" && pwd)
 
-# ours PIDFILE MARKER: print the pid in PIDFILE if its command line names MARKER (a path in this
+pids=()
+# collect PIDFILE MARKER: add the pid in PIDFILE if its command line names MARKER (a path in this
 # state directory): after a reboot the pid may belong to something else entirely.
-ours() {
+collect() {
     local pid
     [[ -f $1 ]] || return 0
     pid=$(<"$1")
     if [[ -r /proc/$pid/cmdline && $(tr '\0' ' ' <"/proc/$pid/cmdline") == *"$2"* ]]; then
-        echo "$pid"
+        pids+=("$pid")
     fi
 }
-
-pids=()
 for name in plain htpasswd token tls; do
-    pids+=($(ours "$state/$name/registry.pid" "$state/$name/config.yml"))
+    collect "$state/$name/registry.pid" "$state/$name/config.yml"
 done
-pids+=($(ours "$state/tokenserver/tokenserver.pid" "$state/tokensigner"))
+collect "$state/tokenserver/tokenserver.pid" "$state/tokensigner"
 
 # All at once: the registry takes about two seconds to shut down after SIGTERM.
 if ((${#pids[@]} > 0)); then

@@ -101,13 +101,13 @@ build_nginx() {
     log "debootstrap --variant=minbase bookworm (a minute or more)"
     debootstrap --variant=minbase bookworm "$root" >"$scratch/debootstrap.log" 2>&1 ||
         { tail -n 30 "$scratch/debootstrap.log" >&2; die "debootstrap failed"; }
-    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
-        "$root"/var/lib/dpkg/*-old "$root"/usr/share/doc/* "$root"/usr/share/man/* \
-        "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/usr/share/lintian/* \
-        "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/* "$root"/var/tmp/*
+    rm -rf "${root:?}"/var/lib/apt/lists/* "${root:?}"/var/cache/apt/* "${root:?}"/var/cache/debconf/*-old \
+        "${root:?}"/var/lib/dpkg/*-old "${root:?}"/usr/share/doc/* "${root:?}"/usr/share/man/* \
+        "${root:?}"/usr/share/info/* "${root:?}"/usr/share/locale/* "${root:?}"/usr/share/lintian/* \
+        "${root:?}"/var/log/*.log "${root:?}"/var/log/apt/* "${root:?}"/tmp/* "${root:?}"/var/tmp/*
     # Device nodes come from the runtime (devtmpfs, in oci2uk's init), and the host's resolver
     # and hostname, which debootstrap copied in, do not belong in an image.
-    rm -rf "$root"/dev/* "$root/etc/resolv.conf" "$root/etc/hostname"
+    rm -rf "${root:?}"/dev/* "$root/etc/resolv.conf" "$root/etc/hostname"
     # Keep later package installs from bringing the documentation back.
     cat >"$root/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
 path-exclude /usr/share/doc/*
@@ -140,9 +140,9 @@ EOF
         chroot "$root" "${chroot_env[@]}" apt-get update -q &&
             chroot "$root" "${chroot_env[@]}" apt-get install -y -q --no-install-recommends nginx
     } >"$scratch/apt.log" 2>&1 || { tail -n 30 "$scratch/apt.log" >&2; die "installing nginx failed"; }
-    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
-        "$root"/var/lib/dpkg/*-old "$root"/var/log/*.log "$root"/var/log/apt/* \
-        "$root"/dev/* "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
+    rm -rf "${root:?}"/var/lib/apt/lists/* "${root:?}"/var/cache/apt/* "${root:?}"/var/cache/debconf/*-old \
+        "${root:?}"/var/lib/dpkg/*-old "${root:?}"/var/log/*.log "${root:?}"/var/log/apt/* \
+        "${root:?}"/dev/* "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
 
     # As the official nginx image does, log to the container's stdout and stderr.
     ln -sf /dev/stdout "$root/var/log/nginx/access.log"

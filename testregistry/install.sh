@@ -14,11 +14,6 @@ packages=(
     openssl jq curl ca-certificates
 )
 
-if [[ $(id -u) -ne 0 ]]; then
-    echo "install.sh: must run as root (apt-get, debootstrap)" >&2
-    exit 1
-fi
-
 missing=()
 for pkg in "${packages[@]}"; do
     if [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) != "install ok installed" ]]; then
@@ -30,8 +25,9 @@ done
 # `apt-get download busybox-static:arm64`; that needs the foreign architecture in dpkg and its
 # package index in apt.
 need_update=false
+add_arm64=false
 if ! [[ $'\n'$(dpkg --print-foreign-architectures)$'\n' == *$'\n'arm64$'\n'* ]]; then
-    dpkg --add-architecture arm64
+    add_arm64=true
     need_update=true
 fi
 # Both halves need a package index; a machine with cleaned apt lists has neither. Looking for the
@@ -51,6 +47,14 @@ if ! $need_update; then
     exit 0
 fi
 
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install.sh: must run as root to install: ${missing[*]:-the arm64 package index}" >&2
+    exit 1
+fi
+
+if $add_arm64; then
+    dpkg --add-architecture arm64
+fi
 export DEBIAN_FRONTEND=noninteractive
 # A third-party source that cannot be reached makes apt-get update fail although Debian's own
 # indexes were refreshed; the install below is the real test of whether we have what we need.
@@ -58,7 +62,9 @@ if ! apt-get update -q; then
     echo "install.sh: apt-get update reported errors; continuing with the indexes it got" >&2
 fi
 if [[ ${#missing[@]} -gt 0 ]]; then
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # With Recommends, as a plain `apt-get install` would: buildah's (fuse-overlayfs, slirp4netns,
+    # uidmap) are what its users expect to find.
+    apt-get install -y -q "${missing[@]}"
 fi
 # Captured rather than piped into grep -q: an early grep exit would kill apt-cache with SIGPIPE
 # and pipefail would turn that into a failure.
