@@ -62,8 +62,8 @@ if ! apt-get update -q; then
     echo "install.sh: apt-get update reported errors; continuing with the indexes it got" >&2
 fi
 if [[ ${#missing[@]} -gt 0 ]]; then
-    # With Recommends, as a plain `apt-get install` would: buildah's (fuse-overlayfs, slirp4netns,
-    # uidmap) are what its users expect to find.
+    # With Recommends, as a plain `apt-get install` would: buildah's (fuse-overlayfs, an OCI
+    # runtime) are what its users expect to find.
     apt-get install -y -q "${missing[@]}"
 fi
 # Captured rather than piped into grep -q: an early grep exit would kill apt-cache with SIGPIPE
