@@ -1,2 +1,192 @@
 //! PID 1 of an oci2uk guest.
-fn main() {}
+//!
+//! Mounts the kernel's file systems, reads `/rumpconfig.json` with the `oci2uk.config=`
+//! override from the kernel command line, loads the listed modules, mounts the volumes, sets
+//! up the network and /etc, then runs the application with its identity, environment and
+//! working directory, forwards signals, reaps zombies, and when the application ends prints
+//! `oci2uk: exit status N` (or `oci2uk: killed by signal N`) as the last line on the console
+//! and powers off. It never returns and never leaves the guest running without its
+//! application: every failure, a panic included, ends in that line (127 or 126 when the
+//! application could not start) or an `oci2uk: error:` line, then power-off.
+//!
+//! Run by the kernel as `poweroff_cmd` (not as PID 1) with the argument `poweroff`, it asks
+//! PID 1 to shut down.
+
+mod app;
+mod console;
+mod dhcp;
+mod fs;
+mod modules;
+mod net;
+mod sys;
+
+use std::time::Duration;
+
+use oci2uk_config::{find_override, kernel_params, Config, CONFIG_PATH};
+
+use crate::console::step;
+
+/// A failure before the application's status is known: the message and the status to report.
+#[derive(Debug)]
+pub struct Error {
+    /// Status for the final line (127: could not start, 126: not executable).
+    pub status: i32,
+    /// What went wrong, as one line.
+    pub msg: String,
+}
+
+impl Error {
+    /// An error with its status.
+    pub fn new(status: i32, msg: impl Into<String>) -> Error {
+        Error {
+            status,
+            msg: msg.into(),
+        }
+    }
+
+    /// A system call's failure while doing `what`.
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Error {
+        Error::new(127, format!("{what}: {e}"))
+    }
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        if std::env::args().nth(1).as_deref() == Some("poweroff") {
+            let _ = sys::kill(1, libc::SIGPWR);
+            std::process::exit(0);
+        }
+        eprintln!("oci2uk-init: this is the init of an oci2uk guest and runs only as PID 1");
+        std::process::exit(2);
+    }
+    // PID 1 must never exit (the kernel would panic): a panic powers off instead, with no
+    // status line, so the host reports the guest's failure rather than an application status.
+    std::panic::set_hook(Box::new(|info| {
+        console::error(&format!("the init failed: {info}"));
+        app::power_off(None)
+    }));
+    let status = match boot() {
+        Ok(exit) => app::status_line(exit),
+        Err(e) => {
+            console::error(&e.msg);
+            format!("oci2uk: exit status {}", e.status)
+        }
+    };
+    app::power_off(Some(status))
+}
+
+fn boot() -> Result<sys::Exit, Error> {
+    fs::mount_kernel_filesystems()?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let debug = kernel_params(&cmdline)
+        .iter()
+        .any(|(k, v)| k == "oci2uk.debug" && v.as_deref().is_none_or(|v| v != "0"));
+    console::set_debug(debug);
+    step(|| "kernel file systems mounted".into());
+
+    // Ctrl-alt-del becomes SIGINT to us instead of an immediate reboot, and the kernel's
+    // orderly power-off (Xen's shutdown request) runs us to send SIGPWR.
+    let _ = sys::reboot(libc::RB_DISABLE_CAD);
+    if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
+        let _ = std::fs::write(
+            "/proc/sys/kernel/poweroff_cmd",
+            format!("{} poweroff\n", exe.display()),
+        );
+    }
+    let mut sup = app::Supervisor::new().map_err(|e| Error::io("catching signals", e))?;
+
+    let config = load_config(&cmdline)?;
+    if config.oci2uk.debug {
+        console::set_debug(true);
+    }
+    step(|| format!("{CONFIG_PATH} read"));
+    sup.set_stop(
+        config.oci2uk.stop_signal_number().unwrap_or(libc::SIGTERM),
+        Duration::from_secs(config.oci2uk.stop_timeout.unwrap_or(10).into()),
+    );
+
+    for problem in modules::load_all(&config.oci2uk.modules) {
+        console::warn(&problem);
+    }
+    step(|| format!("{} modules loaded", config.oci2uk.modules.len()));
+    sup.watch_power_button();
+
+    fs::mount_tmp_and_run()?;
+    for (mountpoint, m) in &config.mount {
+        fs::mount_config(mountpoint, m)?;
+    }
+    step(|| "mounts done".into());
+
+    let hostname = config
+        .hostname
+        .clone()
+        .unwrap_or_else(|| fs::DEFAULT_HOSTNAME.into());
+    if let Err(e) = sys::sethostname(&hostname) {
+        console::warn(&format!("setting the host name {hostname:?}: {e}"));
+    }
+    let net = net::setup(config.net.as_ref(), config.hostname.as_deref());
+    fs::write_etc(&hostname, net.addr.as_deref(), &net.dns, &net.search);
+    step(|| "network and /etc done".into());
+
+    raise_nofile();
+    app::run(&config, &mut sup)
+}
+
+fn load_config(cmdline: &str) -> Result<Config, Error> {
+    let baked = std::fs::read_to_string(CONFIG_PATH)
+        .map_err(|e| Error::io(format!("reading {CONFIG_PATH}"), e))?;
+    let over = match find_override(cmdline) {
+        Some(v) => {
+            Some(oci2uk_config::decode_override(&v).map_err(|e| Error::new(127, chain(&e)))?)
+        }
+        None => None,
+    };
+    oci2uk_config::load(&baked, over.as_deref()).map_err(|e| {
+        let which = if over.is_some() {
+            format!("{CONFIG_PATH} with the oci2uk.config override")
+        } else {
+            CONFIG_PATH.to_owned()
+        };
+        Error::new(127, format!("{which}: {}", chain(&e)))
+    })
+}
+
+/// An error and its sources, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Open files: as many as the kernel allows (`fs.nr_open`, 1048576 by default), as docker
+/// gives containers.
+fn raise_nofile() {
+    let max = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1_048_576u64);
+    if let Err(e) = sys::setrlimit(libc::RLIMIT_NOFILE as _, max, max) {
+        console::warn(&format!("raising the open file limit to {max}: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_are_one_line() {
+        let e = oci2uk_config::decode_override("***").unwrap_err();
+        let s = chain(&e);
+        assert!(
+            s.starts_with("the kernel parameter oci2uk.config is not base64url: "),
+            "{s}"
+        );
+        assert!(!s.contains('\n'));
+    }
+}
