@@ -945,13 +945,22 @@ fn throughput() {
     crate::output::tar::write_tar(&tree, std::io::sink()).unwrap();
     let write = start.elapsed();
     let start = Instant::now();
+    let file = std::io::BufReader::new(std::fs::File::open(&l.path).unwrap());
+    std::io::copy(
+        &mut flate2::bufread::MultiGzDecoder::new(file),
+        &mut std::io::sink(),
+    )
+    .unwrap();
+    let inflate = start.elapsed();
+    let start = Instant::now();
     let gz = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("gzip -dc < {} > /dev/null", l.path.display()))
         .status();
     let gunzip = start.elapsed();
     eprintln!(
-        "{} files, {} MiB ({} MiB gzip): flatten {flatten:?}, write_tar {write:?}, gzip -dc {gunzip:?} ({gz:?})",
+        "{} files, {} MiB ({} MiB gzip): flatten {flatten:?}, write_tar {write:?}, \
+         flate2 alone {inflate:?}, gzip -dc {gunzip:?} ({gz:?})",
         tree.len(),
         data.len() >> 20,
         l.size >> 20
