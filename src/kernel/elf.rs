@@ -283,10 +283,12 @@ fn parse_notes<'a>(
         let descsz = u32_at(data, pos + 4).expect("checked") as usize;
         let kind = u32_at(data, pos + 8).expect("checked");
         let name_start = pos + 12;
-        let desc_start = align4(name_start + namesz).ok_or_else(|| ElfError("bad note".into()))?;
-        let next = desc_start
-            .checked_add(descsz)
-            .and_then(align4)
+        // Padding is relative to the segment's start, as readelf reads it.
+        let desc_start = align4(namesz)
+            .and_then(|n| name_start.checked_add(n))
+            .ok_or_else(|| ElfError("bad note".into()))?;
+        let next = align4(descsz)
+            .and_then(|n| desc_start.checked_add(n))
             .ok_or_else(|| ElfError("bad note".into()))?;
         if desc_start + descsz > end {
             return err("a note runs past its segment");
@@ -355,6 +357,9 @@ pub(crate) mod testutil {
                 align: 16,
             });
             out.extend_from_slice(&s.data);
+        }
+        while out.len() % 4 != 0 {
+            out.push(0);
         }
         phdrs.push(ProgramHeader {
             kind: PT_NOTE,

@@ -588,4 +588,4 @@ pub fn version_cmp(a: &str, b: &str) -> Ordering {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

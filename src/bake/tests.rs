@@ -1,0 +1,242 @@
+use super::*;
+use crate::kernel::elf::testutil::{build, Seg};
+use crate::kernel::elf::{u32_at, u64_at};
+use crate::kernel::tests::tiny_vmlinux;
+
+const ENTRY: u32 = 0x100_0001;
+
+fn kernel() -> Kernel {
+    Kernel::parse(tiny_vmlinux(Some(ENTRY))).unwrap()
+}
+
+fn pvh_note(out: &[u8]) -> u64 {
+    let parsed = Elf::parse(out).unwrap();
+    let notes = parsed.notes().unwrap();
+    let note = notes
+        .iter()
+        .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
+        .unwrap();
+    u64_at(note.desc, 0).unwrap()
+}
+
+#[test]
+fn adds_a_segment_after_the_kernel_and_points_the_note_at_the_stub() {
+    let k = kernel();
+    let initramfs: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+    let cmdline = "console=ttyS0 panic=-1 rdinit=/init";
+    let out = bake_to_vec(&k, &initramfs, cmdline).unwrap();
+    let layout = plan(&k, initramfs.len() as u64, cmdline).unwrap();
+
+    // The synthetic kernel ends at 0x150_0000 + 0x12_3456: the segment goes at 0x180_0000.
+    assert_eq!(layout.kernel_end, 0x162_3456);
+    assert_eq!(layout.segment_paddr, 0x180_0000);
+    assert_eq!(layout.segment_vaddr, 0xffff_ffff_8180_0000);
+    assert_eq!(layout.stub_paddr, 0x180_0000);
+    assert_eq!(layout.start_info_paddr, 0x180_0100);
+    assert_eq!(layout.initramfs_paddr, 0x180_1000);
+    assert_eq!(layout.segment_size, 0x1000 + 10_000);
+    assert!(!layout.phdrs_moved);
+    assert_eq!(layout.file_len, out.len() as u64);
+    assert_eq!(layout.memory_end(), 0x180_1000 + 10_000);
+
+    let parsed = Elf::parse(&out).unwrap();
+    let original = Elf::parse(k.vmlinux().unwrap()).unwrap();
+    assert_eq!(parsed.phdrs.len(), original.phdrs.len() + 1);
+    assert_eq!(parsed.phdrs[..original.phdrs.len()], original.phdrs[..]);
+    let seg = parsed.phdrs.last().unwrap();
+    assert_eq!(seg.kind, elf::PT_LOAD);
+    assert_eq!(seg.paddr, layout.segment_paddr);
+    assert_eq!(seg.vaddr, layout.segment_vaddr);
+    assert_eq!(seg.offset % 0x1000, 0);
+    assert_eq!(seg.offset, layout.segment_offset);
+    assert_eq!(
+        (seg.filesz, seg.memsz),
+        (layout.segment_size, layout.segment_size)
+    );
+    assert_eq!(pvh_note(&out), layout.stub_paddr);
+
+    let seg_bytes = &out[seg.offset as usize..(seg.offset + seg.filesz) as usize];
+    let si = &seg_bytes[START_INFO_OFFSET as usize..];
+    assert_eq!(u32_at(si, 0), Some(START_INFO_MAGIC));
+    assert_eq!(u32_at(si, 12), Some(1));
+    assert_eq!(u64_at(si, 16), Some(layout.modlist_paddr));
+    assert_eq!(u64_at(si, 24), Some(layout.cmdline_paddr));
+    let module = &seg_bytes[MODLIST_OFFSET as usize..];
+    assert_eq!(u64_at(module, 0), Some(layout.initramfs_paddr));
+    assert_eq!(u64_at(module, 8), Some(initramfs.len() as u64));
+    let line = &seg_bytes[CMDLINE_OFFSET as usize..INITRAMFS_OFFSET as usize];
+    assert_eq!(&line[..cmdline.len()], cmdline.as_bytes());
+    assert!(line[cmdline.len()..].iter().all(|&b| b == 0));
+    assert_eq!(&seg_bytes[INITRAMFS_OFFSET as usize..], &initramfs[..]);
+    assert_eq!(
+        &seg_bytes[..layout.stub_size as usize],
+        &entry_stub(&StubParams {
+            start_info: 0x180_0100,
+            modlist: 0x180_0140,
+            cmdline: 0x180_0800,
+            baked_len: cmdline.len() as u32,
+            entry: ENTRY,
+        })[..]
+    );
+
+    // Everything else is the kernel, byte for byte, then zeros up to the segment.
+    let vmlinux = k.vmlinux().unwrap();
+    let mut expected = vmlinux.to_vec();
+    expected[56..58].copy_from_slice(&(parsed.phdrs.len() as u16).to_le_bytes());
+    let slot = 64 + original.phdrs.len() * elf::PHDR_SIZE;
+    expected[slot..slot + elf::PHDR_SIZE].copy_from_slice(&seg.to_bytes());
+    let note = original
+        .notes()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.kind == 18)
+        .unwrap();
+    expected[note.desc_offset..note.desc_offset + 8].copy_from_slice(&0x180_0000u64.to_le_bytes());
+    assert!(out[..vmlinux.len()] == expected[..]);
+    assert!(out[vmlinux.len()..seg.offset as usize]
+        .iter()
+        .all(|&b| b == 0));
+}
+
+#[test]
+fn output_is_deterministic_and_streams() {
+    let k = kernel();
+    let initramfs = vec![0x5a; 123_457];
+    let a = bake_to_vec(&k, &initramfs, "quiet").unwrap();
+    let b = bake_to_vec(&k, &initramfs, "quiet").unwrap();
+    assert!(a == b);
+    let mut streamed = Vec::new();
+    let layout = bake(
+        &k,
+        std::io::Cursor::new(&initramfs),
+        123_457,
+        "quiet",
+        &mut streamed,
+    )
+    .unwrap();
+    assert!(streamed == a);
+    assert_eq!(layout.file_len, a.len() as u64);
+}
+
+#[test]
+fn moves_the_program_headers_when_there_is_no_room() {
+    let vmlinux = build(
+        &[Seg {
+            paddr: 0x100_0000,
+            data: b"Linux version 6.1.0-1-tight (x) #1\0".to_vec(),
+            memsz: 0x20_0000,
+        }],
+        &[(
+            "Xen",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            ENTRY.to_le_bytes().to_vec(),
+        )],
+        0,
+    );
+    let k = Kernel::parse(vmlinux.clone()).unwrap();
+    let out = bake_to_vec(&k, b"initramfs", "").unwrap();
+    let layout = plan(&k, 9, "").unwrap();
+    assert!(layout.phdrs_moved);
+    assert_eq!(layout.segment_paddr, 0x120_0000);
+    assert_eq!(layout.phdr_offset % 8, 0);
+    assert!(layout.phdr_offset >= layout.segment_offset + layout.segment_size);
+    let parsed = Elf::parse(&out).unwrap();
+    assert_eq!(parsed.header.phoff, layout.phdr_offset);
+    assert_eq!(parsed.phdrs.len(), 3);
+    assert_eq!(parsed.phdrs[2].paddr, 0x120_0000);
+    // The 4-byte note descriptor stays 4 bytes.
+    let note = parsed
+        .notes()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.kind == 18)
+        .unwrap();
+    assert_eq!(note.desc, &0x120_0000u32.to_le_bytes());
+    // The old table is left where it was, unchanged.
+    assert_eq!(&out[64..64 + 2 * 56], &vmlinux[64..64 + 2 * 56]);
+}
+
+#[test]
+fn refuses_what_cannot_boot() {
+    let k = kernel();
+    let long = "x".repeat(MAX_BAKED_CMDLINE + 1);
+    assert!(matches!(
+        bake_to_vec(&k, b"", &long),
+        Err(BakeError::Cmdline { .. })
+    ));
+    assert!(bake_to_vec(&k, b"", &"x".repeat(MAX_BAKED_CMDLINE)).is_ok());
+    assert!(matches!(
+        bake_to_vec(&k, b"", "a\0b"),
+        Err(BakeError::Cmdline { .. })
+    ));
+    let no_pvh = Kernel::parse(tiny_vmlinux(None)).unwrap();
+    let e = bake_to_vec(&no_pvh, b"", "").unwrap_err();
+    assert!(e.to_string().contains("CONFIG_PVH"), "{e}");
+    assert!(matches!(
+        plan(&k, 4 << 30, ""),
+        Err(BakeError::TooLarge { .. })
+    ));
+    for (len, data) in [(10, &b"short"[..]), (3, &b"longer"[..])] {
+        let e = bake(&k, data, len, "", std::io::sink()).unwrap_err();
+        assert!(matches!(e, BakeError::InitramfsLength { .. }), "{e:?}");
+    }
+}
+
+/// readelf, an independent reader, sees the new segment and the patched note.
+#[test]
+fn readelf_agrees() {
+    let k = kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baked.elf");
+    std::fs::write(&path, bake_to_vec(&k, &[1; 5000], "quiet").unwrap()).unwrap();
+    let Ok(out) = std::process::Command::new("readelf")
+        .args(["-lnW"])
+        .arg(&path)
+        .output()
+    else {
+        eprintln!("skipping: readelf is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("LOAD           0x")
+            && text.contains("0xffffffff81800000 0x0000000001800000 0x002388 0x002388 RWE 0x1000"),
+        "{text}"
+    );
+    assert!(text.contains("00 00 80 01 00 00 00 00"), "{text}");
+}
+
+/// The installed Debian kernel: where the segment goes and whether its table had room.
+#[test]
+fn bakes_the_installed_kernel_if_any() {
+    let Ok(path) = crate::kernel::newest_installed(
+        std::path::Path::new("/boot"),
+        std::path::Path::new("/lib/modules"),
+    ) else {
+        eprintln!("skipping: no kernel with modules in /boot");
+        return;
+    };
+    let k = Kernel::load(&path).unwrap();
+    let Ok(entry) = k.pvh_entry() else {
+        eprintln!("skipping: {} has no PVH entry", path.display());
+        return;
+    };
+    let layout = plan(&k, 1 << 20, "console=ttyS0").unwrap();
+    eprintln!("{}: PVH entry {entry:#x}, {layout:#x?}", path.display());
+    assert_eq!(layout.segment_paddr % SEGMENT_ALIGN, 0);
+    assert!(layout.segment_paddr >= layout.kernel_end);
+    let mut out = Vec::new();
+    bake(
+        &k,
+        std::io::repeat(0).take(1 << 20),
+        1 << 20,
+        "console=ttyS0",
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(pvh_note(&out), layout.stub_paddr);
+    assert_eq!(out.len() as u64, layout.file_len);
+}
+
+mod vm;
