@@ -84,3 +84,136 @@ impl Error {
 
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod doc_tests {
+    //! The examples in `docs/config.md` parse, and the JSON Schema describes the types.
+
+    use serde_json::{json, Value};
+
+    use crate::{load, parse, Config};
+
+    const PAGE: &str = include_str!("../../docs/config.md");
+    const SCHEMA: &str = include_str!("../../docs/rumpconfig.schema.json");
+
+    fn json_blocks(text: &str) -> Vec<String> {
+        let mut blocks = Vec::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            match (&mut current, line.trim_end()) {
+                (None, "```json") => current = Some(String::new()),
+                (Some(b), "```") => {
+                    blocks.push(std::mem::take(b));
+                    current = None;
+                }
+                (Some(b), l) => {
+                    b.push_str(l);
+                    b.push('\n');
+                }
+                _ => {}
+            }
+        }
+        blocks
+    }
+
+    #[test]
+    fn every_example_parses() {
+        let blocks = json_blocks(PAGE);
+        assert!(blocks.len() >= 6, "found {} examples", blocks.len());
+        for b in &blocks {
+            // Overrides may remove keys with null, which a file cannot hold.
+            if !b.contains("null") {
+                if let Err(e) = parse(b) {
+                    panic!("example does not parse: {e}\n{b}");
+                }
+            }
+            if let Err(e) = load(&blocks[0], Some(b)) {
+                panic!("example does not parse as an override: {e}\n{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_rumprun_example_becomes_what_the_page_says() {
+        let (before, after) = PAGE
+            .split_once("\nbecomes\n")
+            .expect("the page has the pair");
+        let rumprun = json_blocks(before).pop().unwrap();
+        let emitted = json_blocks(after).remove(0);
+        assert_eq!(parse(&rumprun).unwrap(), parse(&emitted).unwrap());
+    }
+
+    /// Resolves `$ref`s into `$defs`.
+    fn resolve<'a>(root: &'a Value, mut s: &'a Value) -> &'a Value {
+        while let Some(r) = s.get("$ref").and_then(Value::as_str) {
+            let name = r.strip_prefix("#/$defs/").expect("local reference");
+            s = &root["$defs"][name];
+        }
+        s
+    }
+
+    /// Every key of `v` is described by the schema `s`, recursively.
+    fn check(root: &Value, s: &Value, v: &Value, at: &str) {
+        let s = resolve(root, s);
+        match v {
+            Value::Object(obj) => {
+                for (k, child) in obj {
+                    let sub = match s.get("properties").and_then(|p| p.get(k)) {
+                        Some(sub) => sub,
+                        None => match s.get("additionalProperties") {
+                            Some(sub) if sub.is_object() => sub,
+                            _ => panic!("{at}.{k} is not in the schema"),
+                        },
+                    };
+                    check(root, sub, child, &format!("{at}.{k}"));
+                }
+            }
+            Value::Array(items) => {
+                let sub = s
+                    .get("items")
+                    .unwrap_or_else(|| panic!("{at} has no items"));
+                for (i, item) in items.iter().enumerate() {
+                    check(root, sub, item, &format!("{at}[{i}]"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_schema_describes_every_field() {
+        let schema: Value = serde_json::from_str(SCHEMA).unwrap();
+        let full = Config::from_value(json!({
+            "rc": [{"bin": "a", "argv": ["b"], "workdir": "/w", "runmode": "&",
+                    "user": {"uid": 1, "gid": 2, "groups": [3]}},
+                   {"bin": "main"}],
+            "env": {"A": "1"},
+            "hostname": "h",
+            "net": {
+                "interfaces": {"eth0": {"addrs": [{"type": "inet", "method": "static", "addr": "10.0.0.2/24"}], "mtu": 1400}},
+                "gateways": [{"type": "inet", "addr": "10.0.0.1"}],
+                "dns": {"nameservers": ["10.0.0.1"], "search": ["example.org"]}
+            },
+            "mount": {
+                "/t": {"source": "tmpfs", "seed": false, "uid": 1, "gid": 1, "mode": "1777", "options": {"size": "1M"}},
+                "/b": {"source": "blk", "path": "/dev/vda", "fstype": "ext4"}
+            },
+            "oci2uk": {"stop_signal": "SIGQUIT", "stop_timeout": 3, "exposed_ports": ["80/tcp"],
+                       "modules": ["/m.ko"], "source_image": "i", "source_digest": "sha256:00",
+                       "kernel": "6.1", "debug": true}
+        }))
+        .unwrap();
+        let v = serde_json::to_value(&full).unwrap();
+        check(&schema, &schema, &v, "");
+        // Every field was set, so every field the types have was checked.
+        let text = full.to_json();
+        for key in [
+            "runmode", "groups", "mtu", "search", "seed", "fstype", "debug", "kernel",
+        ] {
+            assert!(
+                text.contains(&format!("\"{key}\"")),
+                "{key} missing from {text}"
+            );
+        }
+    }
+}
