@@ -5,7 +5,7 @@
 # the application's output, its identity, host name, DHCP address, a fetch from the host, a
 # seeded volume, the final status line, and that QEMU exits by itself (power-off). Also checks
 # the oci2uk.config= override, a missing program (127), ctrl-alt-del and the ACPI power button
-# (the image's stop signal).
+# (the image's stop signal), and SIGKILL when the stop timeout is over.
 #
 # usage: init/test-boot.sh KERNEL OUTDIR
 #   KERNEL   a bzImage (Debian's linux-image-cloud-amd64: /boot/vmlinuz-*-cloud-amd64)
@@ -13,7 +13,8 @@
 # environment:
 #   INIT      the init binary (default: built here for x86_64-unknown-linux-musl)
 #   MODULES   the kernel's module directory (default: /lib/modules/VERSION read from KERNEL)
-#   CASES     which cases to run (default: all: q35 microvm override notfound cad powerbutton)
+#   CASES     which cases to run (default: all: q35 microvm override notfound cad powerbutton
+#             stoptimeout)
 #   DEBUG=1   adds oci2uk.debug=1 (each init step with its time)
 #   TIMEOUT   seconds per boot (default 120)
 set -euo pipefail
@@ -24,7 +25,7 @@ OUT=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 QEMU=${QEMU:-qemu-system-x86_64}
 TIMEOUT=${TIMEOUT:-120}
-CASES=${CASES:-q35 microvm override notfound cad powerbutton}
+CASES=${CASES:-q35 microvm override notfound cad powerbutton stoptimeout}
 
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
@@ -185,6 +186,28 @@ main_checks() {
     check "$c" "QEMU exited by itself" has "$c" '^@@ qemu exit 0$'
 }
 
+# Sends `$key` to the QEMU monitor once the guest printed "ready".
+send_when_ready() {
+    local log=$1 mon=$2 i
+    for ((i = 0; i < TIMEOUT * 10; i++)); do
+        grep -q 'ready$' "$log" 2>/dev/null && break
+        sleep 0.1
+    done
+    python3 - "$mon" "$key" <<'EOF'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+for _ in range(100):
+    try:
+        s.connect(sys.argv[1])
+        break
+    except OSError:
+        time.sleep(0.1)
+time.sleep(0.2)
+s.sendall((sys.argv[2] + "\n").encode())
+time.sleep(0.5)
+EOF
+}
+
 summary=$OUT/summary.txt
 : >"$summary"
 figures() {
@@ -220,31 +243,20 @@ for c in $CASES; do
             # request: ctrl-alt-del on the keyboard, or the ACPI power button.
             over=$(b64url '{"cmdline": "sh -c '"'"'trap \"echo got USR1; exit 5\" USR1; echo ready; while :; do sleep 1; done'"'"'", "oci2uk": {"stop_signal": "USR1"}}')
             if [[ $c == cad ]]; then key='sendkey ctrl-alt-delete'; else key='system_powerdown'; fi
-            send_when_ready() {
-                local log=$1 mon=$2 i
-                for ((i = 0; i < TIMEOUT * 10; i++)); do
-                    grep -q 'ready$' "$log" 2>/dev/null && break
-                    sleep 0.1
-                done
-                python3 - "$mon" "$key" <<'EOF'
-import socket, sys, time
-s = socket.socket(socket.AF_UNIX)
-for _ in range(100):
-    try:
-        s.connect(sys.argv[1])
-        break
-    except OSError:
-        time.sleep(0.1)
-time.sleep(0.2)
-s.sendall((sys.argv[2] + "\n").encode())
-time.sleep(0.5)
-EOF
-            }
             monitor_action=send_when_ready
             boot "$c" "$base_append oci2uk.config=$over" "${q35[@]}"
             monitor_action=
             check "$c" "stop signal delivered" has "$c" '^got USR1$'
             check "$c" "final line" test "$(last_user_line "$c")" = "oci2uk: exit status 5"
+            check "$c" "QEMU exited by itself" has "$c" '^@@ qemu exit 0$' ;;
+        stoptimeout)
+            # An application that ignores the stop signal is killed when stop_timeout is over.
+            over=$(b64url '{"cmdline": "sh -c '"'"'trap \"\" TERM; echo ready; while :; do sleep 1; done'"'"'", "oci2uk": {"stop_timeout": 1}}')
+            key='sendkey ctrl-alt-delete'
+            monitor_action=send_when_ready
+            boot "$c" "$base_append oci2uk.config=$over" "${q35[@]}"
+            monitor_action=
+            check "$c" "SIGKILL after the stop timeout" test "$(last_user_line "$c")" = "oci2uk: killed by signal 9"
             check "$c" "QEMU exited by itself" has "$c" '^@@ qemu exit 0$' ;;
         *) echo "unknown case $c" >&2; exit 2 ;;
     esac

@@ -249,7 +249,11 @@ impl Supervisor {
             };
             let mut fds = vec![self.signals.as_raw_fd()];
             fds.extend(self.inputs.iter().map(|f| f.as_raw_fd()));
-            let ready = sys::poll_readable(&fds, timeout).unwrap_or_default();
+            let ready = sys::poll_readable(&fds, timeout).unwrap_or_else(|_| {
+                // Cannot happen with valid descriptors; never spin if it does.
+                std::thread::sleep(Duration::from_millis(10));
+                vec![0]
+            });
             if self.kill_at.is_some_and(|t| Instant::now() >= t) {
                 step(|| "stop timeout: SIGKILL".into());
                 let _ = sys::kill(pid, libc::SIGKILL);
