@@ -31,3 +31,4 @@ pub mod output;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod rootfs;
