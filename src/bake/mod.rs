@@ -119,7 +119,7 @@ impl Layout {
 /// Plan the bake of `kernel` with an initramfs of `initramfs_len` bytes and the command line
 /// `cmdline`, without writing anything.
 pub fn plan(kernel: &Kernel, initramfs_len: u64, cmdline: &str) -> Result<Layout, BakeError> {
-    Ok(Plan::new(kernel, initramfs_len, cmdline)?.layout)
+    Ok(Plan::new(kernel, initramfs_len, cmdline, false)?.layout)
 }
 
 /// Bake `kernel`, the `initramfs_len` bytes read from `initramfs` and `cmdline` into one PVH ELF
@@ -129,9 +129,22 @@ pub fn bake(
     initramfs: impl Read,
     initramfs_len: u64,
     cmdline: &str,
-    mut out: impl Write,
+    out: impl Write,
 ) -> Result<Layout, BakeError> {
-    let plan = Plan::new(kernel, initramfs_len, cmdline)?;
+    bake_inner(kernel, initramfs, initramfs_len, cmdline, out, false)
+}
+
+/// [`bake`], optionally moving the program header table to the end even when it has room (so
+/// tests can boot that layout too).
+fn bake_inner(
+    kernel: &Kernel,
+    initramfs: impl Read,
+    initramfs_len: u64,
+    cmdline: &str,
+    mut out: impl Write,
+    move_phdrs: bool,
+) -> Result<Layout, BakeError> {
+    let plan = Plan::new(kernel, initramfs_len, cmdline, move_phdrs)?;
     plan.write(initramfs, &mut out)?;
     out.flush()?;
     Ok(plan.layout)
@@ -161,7 +174,12 @@ fn align_up(n: u64, to: u64) -> Option<u64> {
 }
 
 impl<'k> Plan<'k> {
-    fn new(kernel: &'k Kernel, initramfs_len: u64, cmdline: &str) -> Result<Self, BakeError> {
+    fn new(
+        kernel: &'k Kernel,
+        initramfs_len: u64,
+        cmdline: &str,
+        move_phdrs: bool,
+    ) -> Result<Self, BakeError> {
         let vmlinux = kernel.vmlinux()?;
         let kernel_entry = kernel.pvh_entry()?;
         let bad_elf = |why: &str| BakeError::Kernel(KernelError::Elf(elf::ElfError(why.into())));
@@ -249,7 +267,7 @@ impl<'k> Plan<'k> {
             .ok_or_else(|| bad_elf("too many program headers"))?;
         let table_len = phdrs.len() as u64 * elf::PHDR_SIZE as u64;
         let end_of_data = segment_offset + segment_size;
-        let in_place = phdr_room(&parsed);
+        let in_place = !move_phdrs && phdr_room(&parsed);
         let phdr_offset = if in_place {
             parsed.header.phoff
         } else {

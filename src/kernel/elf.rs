@@ -331,11 +331,11 @@ pub(crate) mod testutil {
             note_bytes.extend_from_slice(&(desc.len() as u32).to_le_bytes());
             note_bytes.extend_from_slice(&kind.to_le_bytes());
             note_bytes.extend_from_slice(name.as_bytes());
-            while note_bytes.len() % 4 != 0 {
+            while !note_bytes.len().is_multiple_of(4) {
                 note_bytes.push(0);
             }
             note_bytes.extend_from_slice(desc);
-            while note_bytes.len() % 4 != 0 {
+            while !note_bytes.len().is_multiple_of(4) {
                 note_bytes.push(0);
             }
         }
@@ -343,7 +343,7 @@ pub(crate) mod testutil {
         let mut out = vec![0u8; first_data.max(EHDR_SIZE + phnum * PHDR_SIZE)];
         let mut phdrs = Vec::new();
         for s in segs {
-            while out.len() % 16 != 0 {
+            while !out.len().is_multiple_of(16) {
                 out.push(0);
             }
             phdrs.push(ProgramHeader {
@@ -358,7 +358,7 @@ pub(crate) mod testutil {
             });
             out.extend_from_slice(&s.data);
         }
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         phdrs.push(ProgramHeader {
