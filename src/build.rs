@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::Digest;
 
 use crate::cache::{Cache, Hasher};
-use crate::flatten::{self, FlattenOptions};
-use crate::image::{self, ResolveOptions};
-use crate::output;
+use crate::flatten::{self, FlattenOptions, Tree};
+use crate::image::{self, Image, Platform, ResolveOptions};
+use crate::kernel::{self, Kernel};
 use crate::progress::Progress;
 use crate::reference::Source;
+use crate::{bake, output, plan, rootfs};
 
 /// Output formats of `build`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +66,27 @@ pub struct BuildRequest {
     pub flatten: FlattenOptions,
     /// `SOURCE_DATE_EPOCH`: mtimes later than this are clamped to it.
     pub source_date_epoch: Option<i64>,
+    /// `--platform`; without it, the kernel's architecture (or the host's for `tar`).
+    pub platform: Option<Platform>,
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--modules`.
+    pub modules: Option<PathBuf>,
+    /// The launch overrides (`--env`, `--entrypoint`, ...).
+    pub overrides: plan::Overrides,
 }
+
+/// The modules the init loads, by name; their dependencies come along from `modules.dep`.
+/// Debian's cloud kernel builds virtio as modules: `virtio_pci` for PCI machines (q35),
+/// `virtio_mmio` for microvm and Firecracker, `virtio_net` for the network.
+/// `button` and `evdev` let the init hear an ACPI power button (a hypervisor's shutdown
+/// request).
+pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_net", "button", "evdev"];
+
+/// The command line baked into every file, before `oci2uk.memory=` is added: a serial console,
+/// reboot on panic (with `-no-reboot`, QEMU exits), the tree unpacked into ramfs (no size cap),
+/// and the init at its private path.
+pub const BAKED_CMDLINE: &str = "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet";
 
 /// What a build produced.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,6 +105,15 @@ pub struct BuildOutcome {
     pub manifest_digest: String,
     /// The config digest of the source image.
     pub config_digest: String,
+    /// The kernel used, for the baked formats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// The kernel's release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_version: Option<String>,
+    /// The guest memory the image needs, in MiB, for the baked formats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
 }
 
 /// Errors of a build.
@@ -96,7 +126,7 @@ pub enum BuildError {
         source_name: String,
         /// The cause.
         #[source]
-        source: image::ImageError,
+        source: Box<image::ImageError>,
     },
     /// Flattening failed.
     #[error("cannot flatten image {source_name}")]
@@ -120,8 +150,23 @@ pub enum BuildError {
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     /// The format is not produced by this version.
-    #[error("--format {0} is not available in this version of oci2uk; use --format tar")]
+    #[error("--format {0} is not available in this version of oci2uk")]
     FormatUnavailable(&'static str),
+    /// The kernel cannot be used.
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    /// The modules the guest needs cannot be found or read.
+    #[error("cannot collect the guest's kernel modules")]
+    Modules(#[source] kernel::modules::ModulesError),
+    /// The image cannot run as planned.
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    /// The initramfs cannot be written.
+    #[error("cannot write the initramfs")]
+    Rootfs(#[from] rootfs::RootfsError),
+    /// The bake failed.
+    #[error("cannot bake the kernel file")]
+    Bake(#[from] bake::BakeError),
 }
 
 /// Runs a build.
@@ -130,7 +175,7 @@ pub async fn build(
     cache: &Cache,
     progress: &Progress,
 ) -> Result<BuildOutcome, BuildError> {
-    if req.format != Format::Tar {
+    if req.format == Format::Bundle {
         return Err(BuildError::FormatUnavailable(req.format.extension()));
     }
     let source_name = req.source.to_string();
@@ -142,17 +187,42 @@ pub async fn build(
             req.format.extension()
         ))),
     };
-    // Refuse an unusable destination before any download.
+    // The kernel decides the platform, and an unusable kernel or destination is better found
+    // before any download.
+    let kernel = match req.format {
+        Format::Tar => None,
+        _ => {
+            let chosen = kernel::discover(req.kernel.as_deref())?;
+            let path = chosen.path.clone();
+            let k = tokio::task::spawn_blocking(move || Kernel::load(&path))
+                .await
+                .expect("loading the kernel does not panic")?;
+            if req.format == Format::Elf {
+                k.pvh_entry()?;
+            }
+            Some((chosen, k))
+        }
+    };
     let sink = Sink::open(&dest).map_err(|source| BuildError::Output {
         path: dest.display(),
         source,
     })?;
 
-    let img = image::resolve(&req.source, &req.resolve, cache, progress)
+    let mut resolve = req.resolve.clone();
+    resolve.platform = match (&req.platform, &kernel) {
+        (Some(p), _) => p.clone(),
+        (None, Some((_, k))) => Platform {
+            os: "linux".into(),
+            architecture: k.machine.oci_arch().into(),
+            variant: None,
+        },
+        (None, None) => Platform::host(),
+    };
+    let img = image::resolve(&req.source, &resolve, cache, progress)
         .await
         .map_err(|source| BuildError::Image {
             source_name: source_name.clone(),
-            source,
+            source: Box::new(source),
         })?;
 
     let spool = tempfile::Builder::new()
@@ -162,32 +232,18 @@ pub async fn build(
             path: cache.tmp_dir().display().to_string(),
             source,
         })?;
-    let layers = img.layers.clone();
-    let flatten_opts = req.flatten.clone();
-    let spool_path = spool.path().to_path_buf();
-    let progress2 = progress.clone();
-    let sde = req.source_date_epoch;
-    let dest_name = dest.display();
-    let (sha256, size) = tokio::task::spawn_blocking(move || {
-        let tree = flatten::flatten(&layers, &flatten_opts, &spool_path, &progress2).map_err(
-            |source| BuildError::Flatten {
-                source_name: source_name.clone(),
-                source,
-            },
-        )?;
-        let mut sink = sink;
-        let _ = sde;
-        output::tar::write_tar(&tree, &mut sink).map_err(|e| BuildError::Output {
-            path: dest_name.clone(),
-            source: io::Error::other(e),
-        })?;
-        sink.finish().map_err(|source| BuildError::Output {
-            path: dest_name,
-            source,
-        })
-    })
-    .await
-    .expect("the build task does not panic")?;
+    let job = Job {
+        req: req.clone(),
+        img: img.clone(),
+        kernel: kernel.as_ref().map(|(_, k)| k.clone()),
+        spool: spool.path().to_path_buf(),
+        tmp: cache.tmp_dir(),
+        dest_name: dest.display(),
+        progress: progress.clone(),
+    };
+    let (sha256, size, memory_mib) = tokio::task::spawn_blocking(move || job.run(sink))
+        .await
+        .expect("the build task does not panic")?;
     drop(spool);
 
     Ok(BuildOutcome {
@@ -198,7 +254,129 @@ pub async fn build(
         source: img.source,
         manifest_digest: img.manifest_digest.to_string(),
         config_digest: img.config_digest.to_string(),
+        kernel: kernel.as_ref().map(|(c, _)| c.to_string()),
+        kernel_version: kernel.as_ref().map(|(_, k)| k.version.clone()),
+        memory_mib,
     })
+}
+
+/// The blocking part of a build: flatten, then write the format.
+struct Job {
+    req: BuildRequest,
+    img: Image,
+    kernel: Option<Kernel>,
+    spool: PathBuf,
+    tmp: PathBuf,
+    dest_name: String,
+    progress: Progress,
+}
+
+impl Job {
+    fn run(self, mut sink: Sink) -> Result<(Digest, u64, Option<u64>), BuildError> {
+        let tree = flatten::flatten(&self.img.layers, &self.req.flatten, &self.spool, &self.progress)
+            .map_err(|source| BuildError::Flatten {
+                source_name: self.req.source.to_string(),
+                source,
+            })?;
+        let out_err = |source: io::Error| BuildError::Output {
+            path: self.dest_name.clone(),
+            source,
+        };
+        let memory = match &self.kernel {
+            None => {
+                let opts = output::tar::TarOptions {
+                    source_date_epoch: self.req.source_date_epoch,
+                };
+                output::tar::write_tar_with(&tree, &mut sink, &opts)
+                    .map_err(|e| out_err(io::Error::other(e)))?;
+                None
+            }
+            Some(kernel) => Some(self.baked(kernel, &tree, &mut sink)?),
+        };
+        let (digest, size) = sink.finish().map_err(out_err)?;
+        Ok((digest, size, memory))
+    }
+
+    /// Writes the initramfs (and, for `elf`, bakes it); returns the guest memory needed.
+    fn baked(&self, kernel: &Kernel, tree: &Tree, sink: &mut Sink) -> Result<u64, BuildError> {
+        let target = plan::Target {
+            machine: kernel.machine,
+            name: self.req.source.name(),
+        };
+        let mut config = plan::plan(&self.img, tree, &self.req.overrides, &target)?;
+        let modules = kernel.modules(self.req.modules.as_deref())?;
+        let needed = modules.closure(GUEST_MODULES).map_err(BuildError::Modules)?;
+        let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
+        for m in &needed {
+            let ko = modules.read(m).map_err(BuildError::Modules)?;
+            extras.push(rootfs::Extra::module(&m.name, ko));
+            config.oci2uk.modules.push(rootfs::module_path(&m.name));
+        }
+        config.oci2uk.kernel = Some(kernel.version.clone());
+        extras.push(rootfs::Extra::config(config.to_json().into_bytes()));
+
+        let opts = rootfs::RootfsOptions {
+            codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
+            level: None,
+            source_date_epoch: self.req.source_date_epoch,
+        };
+        // The bake must know the initramfs's length before writing it: spool it beside the
+        // blobs (same filesystem as the cache, removed when dropped).
+        let mut initramfs = tempfile::tempfile_in(&self.tmp).map_err(|source| BuildError::Output {
+            path: self.tmp.display().to_string(),
+            source,
+        })?;
+        let stats = rootfs::write_initramfs(
+            tree,
+            &extras,
+            &opts,
+            io::BufWriter::with_capacity(1 << 20, &mut initramfs),
+        )?;
+        let memory = rootfs::memory_needed(&stats, rootfs::RootfsType::from_cmdline(BAKED_CMDLINE));
+        use std::io::Seek;
+        initramfs
+            .seek(io::SeekFrom::Start(0))
+            .map_err(|source| BuildError::Output {
+                path: self.tmp.display().to_string(),
+                source,
+            })?;
+        let reader = io::BufReader::with_capacity(1 << 20, initramfs);
+        match self.req.format {
+            Format::Initrd => {
+                let mut reader = reader;
+                io::copy(&mut reader, sink).map_err(|source| BuildError::Output {
+                    path: self.dest_name.clone(),
+                    source,
+                })?;
+            }
+            _ => {
+                let cmdline = format!(
+                    "{BAKED_CMDLINE} tsc_early_khz={} oci2uk.memory={memory}M",
+                    tsc_khz()
+                );
+                bake::bake(kernel, reader, stats.compressed_size, &cmdline, sink)?;
+            }
+        }
+        Ok(memory)
+    }
+}
+
+/// The TSC frequency to bake, in kHz: this machine's. A guest without a reference timer to
+/// calibrate its TSC against (QEMU's microvm under TCG has neither PIT speaker gate, HPET nor
+/// ACPI PM timer) hangs at boot without it; where the hypervisor offers a paravirtual clock
+/// (KVM), that clock is the guest's clocksource and this value only seeds delay loops.
+fn tsc_khz() -> u64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|mhz| (mhz * 1000.0) as u64)
+        .filter(|khz| *khz > 100_000)
+        .unwrap_or(2_000_000)
 }
 
 impl Destination {

@@ -39,6 +39,41 @@ struct Cli {
 enum Command {
     /// Pull an image, flatten it and write the output (the default command).
     Build(BuildArgs),
+    /// Boot a baked file on QEMU: console on stdout, the application's exit status as ours.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The baked kernel file (`oci2uk build IMAGE` writes one).
+    file: PathBuf,
+
+    /// Forward a host port to the guest: [IP:]HOST:GUEST[/tcp|/udp]. Repeatable.
+    #[arg(short, long = "publish", value_name = "HOST:GUEST")]
+    publish: Vec<oci2uk::run::PortForward>,
+
+    /// Guest memory: MiB, or a size with a suffix (512, 512M, 1G). Default: what the image
+    /// needs, recorded in the file at build time.
+    #[arg(short, long, value_name = "MEM")]
+    memory: Option<String>,
+
+    /// Set an environment variable of the application (K=V), without rebuilding. Repeatable.
+    #[arg(short, long = "env", value_name = "K=V")]
+    env: Vec<String>,
+
+    /// Acceleration: `auto` uses KVM only where it can run guests.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccelArg {
+    /// KVM where it can run guests, else TCG.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// Software emulation.
+    Tcg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,9 +108,48 @@ struct BuildArgs {
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<String>,
 
-    /// Largest total uncompressed size of the flattened tree (suffixes K, M, G, T).
+    /// Largest total uncompressed size of the image's layers (suffixes K, M, G, T): the guard
+    /// against decompression bombs.
     #[arg(long, value_name = "BYTES", default_value = "8G", value_parser = build::parse_size)]
     max_size: u64,
+
+    /// The kernel: a bzImage/vmlinuz or vmlinux. Default: $OCI2UK_KERNEL, else the newest
+    /// installed kernel whose modules are present.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// The kernel's module tree. Default: /lib/modules/VERSION, VERSION read from the kernel.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+
+    /// Set an environment variable (K=V), or pass this machine's value of K. Repeatable.
+    #[arg(short, long = "env", value_name = "K=V")]
+    env: Vec<String>,
+
+    /// Replace the image's Entrypoint: a JSON array or one word. Clears the image's Cmd
+    /// unless --cmd is given too (docker's rule).
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+
+    /// Replace the image's Cmd: a JSON array or one word.
+    #[arg(long, value_name = "CMD")]
+    cmd: Option<String>,
+
+    /// Working directory of the application.
+    #[arg(short, long, value_name = "DIR")]
+    workdir: Option<String>,
+
+    /// User to run as: NAME or UID, optionally :GROUP or :GID, resolved in the image.
+    #[arg(short, long, value_name = "U[:G]")]
+    user: Option<String>,
+
+    /// Network: `dhcp` (default) or a static ADDR/LEN[,GATEWAY].
+    #[arg(long, value_name = "dhcp|ADDR/LEN[,GW]")]
+    net: Option<String>,
+
+    /// Host name of the guest. Default: the output's name.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
 
     #[command(flatten)]
     registry: RegistryArgs,
@@ -137,7 +211,7 @@ impl From<RegistryArgs> for RegistryOptions {
 
 /// Inserts `build` when the first argument is not a subcommand, so `oci2uk IMAGE` builds.
 fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const KNOWN: &[&str] = &["build", "help", "-h", "--help", "-V", "--version"];
+    const KNOWN: &[&str] = &["build", "run", "help", "-h", "--help", "-V", "--version"];
     match args.get(1).and_then(|a| a.to_str()) {
         Some(first) if KNOWN.contains(&first) => {}
         None => {}
@@ -150,6 +224,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
     let quiet = match &cli.command {
         Command::Build(b) => b.common.quiet,
+        Command::Run(_) => false,
     };
     init_logging(quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -159,14 +234,19 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Build(args) => cmd_build(args).await,
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+    match cli.command {
+        Command::Build(args) => match runtime.block_on(cmd_build(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Command::Run(args) => match runtime.block_on(cmd_run(args)) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+                eprintln!("oci2uk: error: {}", chain.join(": "));
+                ExitCode::from(oci2uk::run::EXIT_VM_FAILED)
+            }
+        },
     }
 }
 
@@ -192,8 +272,22 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
     let source: Source = args.image.parse()?;
     let platform = match &args.platform {
-        Some(p) => p.parse::<Platform>()?,
-        None => Platform::host(),
+        Some(p) => Some(p.parse::<Platform>()?),
+        None => None,
+    };
+    let command = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<Vec<String>>> {
+        v.as_deref()
+            .map(|c| oci2uk::plan::parse_command(c).with_context(|| format!("invalid {flag}")))
+            .transpose()
+    };
+    let overrides = oci2uk::plan::Overrides {
+        env: args.env.clone(),
+        entrypoint: command("--entrypoint", &args.entrypoint)?,
+        cmd: command("--cmd", &args.cmd)?,
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        net: args.net.clone(),
+        hostname: args.hostname.clone(),
     };
     let output = args.output.map(|p| {
         if p.as_os_str() == "-" {
@@ -219,9 +313,13 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
         format,
         output,
         resolve: ResolveOptions {
-            platform,
+            platform: Platform::host(),
             registry: args.registry.into(),
         },
+        platform,
+        kernel: args.kernel,
+        modules: args.modules,
+        overrides,
         flatten: FlattenOptions {
             max_size: args.max_size,
         },
@@ -233,12 +331,63 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
     if args.common.json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else if !args.common.quiet {
+        if let Some(k) = &outcome.kernel {
+            eprintln!("oci2uk: kernel {k}");
+        }
+        let memory = outcome
+            .memory_mib
+            .map(|m| format!(", needs {m} MiB of guest memory"))
+            .unwrap_or_default();
         eprintln!(
-            "oci2uk: wrote {} ({} bytes, sha256:{}) from {}@{}",
+            "oci2uk: wrote {} ({} bytes, sha256:{}{memory}) from {}@{}",
             outcome.output, outcome.size, outcome.sha256, outcome.source, outcome.manifest_digest
         );
     }
     Ok(())
+}
+
+async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
+    use oci2uk::run::{self, Accel, RunOptions};
+    let memory_mib = match &args.memory {
+        Some(m) => parse_memory(m)?,
+        None => run::recorded_memory(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+            .unwrap_or(512),
+    };
+    let env = args
+        .env
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => match std::env::var(kv) {
+                Ok(v) if !kv.is_empty() => Ok((kv.clone(), v)),
+                _ => anyhow::bail!("invalid -e {kv:?}: expected K=V, or the name of a set variable"),
+            },
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = RunOptions {
+        file: args.file,
+        ports: args.publish,
+        memory_mib,
+        env,
+        accel: match args.accel {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        },
+        qemu: run::default_qemu(),
+    };
+    let status = run::run(&opts, tokio::io::stdout()).await?;
+    Ok(status.exit_code())
+}
+
+/// `-m`: MiB, or a size with a suffix.
+fn parse_memory(s: &str) -> anyhow::Result<u64> {
+    if let Ok(mib) = s.parse::<u64>() {
+        return Ok(mib);
+    }
+    let bytes = build::parse_size(s).map_err(|e| anyhow::anyhow!("invalid -m: {e}"))?;
+    Ok(bytes.div_ceil(1 << 20))
 }
 
 #[cfg(test)]
