@@ -28,6 +28,7 @@ pub mod flatten;
 pub mod image;
 pub mod kernel;
 pub mod output;
+pub mod plan;
 pub mod progress;
 pub mod reference;
 pub mod registry;
