@@ -804,3 +804,94 @@ fn the_codec_for_a_kernel() {
         "unknown initramfs compression \"bzip2\" (expected none, gzip, zstd, xz or lz4)"
     );
 }
+
+/// The init of the boot test: checks from inside the guest that the hardlink group shares one
+/// inode with its data (busybox itself runs through a link whose entry had no data), that
+/// owners, modes and symlinks came through, and powers off.
+const BOOT_INIT: &str = "#!/bin/busybox sh\n\
+b=/bin/busybox\n\
+$b mount -t proc proc /proc\n\
+set -- $($b stat -c %i /bin/busybox /bin/ls /bin/sh)\n\
+[ \"$1\" = \"$2\" ] && [ \"$2\" = \"$3\" ] && links=$($b stat -c %h /bin/sh)\n\
+echo \"OCI2UK-ROOTFS links=$links data=$($b cat /z/data) \
+meta=$($b stat -c %a:%u:%g /z/data) sym=$($b readlink /sym) \
+conf=$($b cat /rumpconfig.json) root=$($b stat -f -c %T /)\"\n\
+$b poweroff -f\n";
+
+/// Boots the installed kernel under QEMU (software emulation) with an initramfs in every
+/// codec. Slow, so run only with `OCI2UK_VM_TESTS=1`.
+#[test]
+fn the_kernel_unpacks_every_codec() {
+    if std::env::var("OCI2UK_VM_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipping the QEMU boot test: set OCI2UK_VM_TESTS=1 to run it");
+        return;
+    }
+    let kernel = crate::kernel::discover(None).expect("a kernel: set OCI2UK_KERNEL");
+    let busybox = std::fs::read("/bin/busybox").expect("a static /bin/busybox");
+    let mut fx = Fixture::new();
+    let l = fx.layer(|t| {
+        t.dir("proc")
+            .custom(b'0', "bin/busybox", "", &busybox, &[], |h| {
+                h.set_mode(0o755)
+            })
+            .hardlink("bin/ls", "bin/busybox")
+            .hardlink("bin/sh", "bin/busybox")
+            .custom(b'0', "z/data", "", b"zzz", &[], |h| {
+                h.set_mode(0o4750);
+                h.set_uid(1000);
+                h.set_gid(50);
+            })
+            .symlink("sym", "/z/data");
+    });
+    let tree = fx.flatten(&[l]).unwrap();
+    let extras = [
+        Extra::file(INIT_PATH, BOOT_INIT.as_bytes().to_vec(), 0o755),
+        Extra::config(b"{}".to_vec()),
+    ];
+    let want = "OCI2UK-ROOTFS links=3 data=zzz meta=4750:1000:50 sym=/z/data conf={} \
+                root=ramfs";
+    let mut failures = Vec::new();
+    for codec in [Codec::Zstd, Codec::Gzip, Codec::Xz, Codec::Lz4, Codec::None] {
+        let initrd = fx.dir.path().join(format!("initrd.{codec}"));
+        let file = std::fs::File::create(&initrd).unwrap();
+        let stats = write_initramfs(&tree, &extras, &opts(codec), file).unwrap();
+        let start = std::time::Instant::now();
+        let out = Command::new("timeout")
+            .args([
+                "240",
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-M",
+                "q35",
+                "-m",
+            ])
+            .arg(memory_needed(&stats, RootfsType::Ramfs).to_string())
+            .args(["-nographic", "-no-reboot", "-kernel"])
+            .arg(&kernel.path)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("qemu-system-x86_64 runs");
+        let console = String::from_utf8_lossy(&out.stdout);
+        eprintln!(
+            "{codec}: {} bytes, {} in {:.1}s",
+            stats.compressed_size,
+            if console.contains(want) {
+                "booted"
+            } else {
+                "FAILED"
+            },
+            start.elapsed().as_secs_f64()
+        );
+        if !console.contains(want) {
+            failures.push(format!("{codec}: expected {want:?} in:\n{console}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
