@@ -1,0 +1,170 @@
+//! Real boots: the baked file under `qemu-system-x86_64` (TCG), as a user would start it,
+//! with nothing but `-kernel FILE` (no `-initrd`, no `-append`), and through `oci2uk run`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// VMs under TCG are heavy on a two-core machine: one at a time.
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// A started VM (or `oci2uk run`), killed when dropped.
+struct Vm {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Vm {
+    fn start(cmd: &mut Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start the VM");
+        Self { child, log }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GETs `/` on the forwarded port until it answers 200 or `timeout` passes.
+fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let mut resp = Vec::new();
+            let _ = s.read_to_end(&mut resp);
+            let resp = String::from_utf8_lossy(&resp).into_owned();
+            if resp.starts_with("HTTP/1.1 200") {
+                return resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("no page after {timeout:?}; console:\n{}", vm.console());
+}
+
+/// The fixture nginx baked once per test run, and its index page as the image holds it.
+fn nginx_elf() -> &'static (PathBuf, String) {
+    static ELF: OnceLock<(tempfile::TempDir, PathBuf, String)> = OnceLock::new();
+    let (_, path, page) = ELF.get_or_init(|| {
+        let s = Scratch::new();
+        let image = format!("{}/nginx:latest", env("OCI2UK_TEST_REGISTRY"));
+        assert_ok(&s.oci2uk(&["build", &image, "-o", "nginx.elf", "--quiet"]));
+        assert_ok(&s.oci2uk(&["build", &image, "--format", "tar", "-o", "nginx.tar", "--quiet"]));
+        let tar = std::fs::read(s.path().join("work/nginx.tar")).unwrap();
+        let mut page = String::new();
+        for e in tar::Archive::new(&tar[..]).entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap() == Path::new("var/www/html/index.html") {
+                e.read_to_string(&mut page).unwrap();
+            }
+        }
+        assert!(!page.is_empty(), "the fixture has var/www/html/index.html");
+        let path = s.path().join("work/nginx.elf");
+        (s.dir, path, page)
+    });
+    // The tuple's last two fields, borrowed for the test's lifetime.
+    static VIEW: OnceLock<(PathBuf, String)> = OnceLock::new();
+    VIEW.get_or_init(|| (path.clone(), page.clone()))
+}
+
+fn qemu(machine: &str, nic: &str, elf: &Path, port: u16) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "tcg", "-m", "512", "-M", machine, "-nographic", "-no-reboot", "-kernel"])
+        .arg(elf)
+        .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80")])
+        .args(["-device", &format!("{nic},netdev=n0")]);
+    c
+}
+
+fn serves(machine: &str, nic: &str) {
+    let (elf, page) = nginx_elf();
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::start(&mut qemu(machine, nic, elf, port), dir.path().join("console"));
+    let body = wait_page(port, &vm, Duration::from_secs(120));
+    assert_eq!(&body, page, "the page is the image's index.html");
+}
+
+#[test]
+fn nginx_serves_on_microvm_with_plain_qemu() {
+    serves("microvm,isa-serial=on", "virtio-net-device");
+}
+
+#[test]
+fn nginx_serves_on_q35_with_plain_qemu() {
+    serves("q35", "virtio-net-pci");
+}
+
+#[test]
+fn nginx_serves_through_oci2uk_run() {
+    let (elf, page) = nginx_elf();
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
+    cmd.arg("run").arg(elf).args(["-p", &format!("127.0.0.1:{port}:80")]);
+    let vm = Vm::start(&mut cmd, dir.path().join("console"));
+    let body = wait_page(port, &vm, Duration::from_secs(120));
+    assert_eq!(&body, page);
+    // nginx logs to stdout: the request shows on the console `run` passes through.
+    let start = Instant::now();
+    while !vm.console().contains("\"GET / HTTP/1.0\" 200") && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(vm.console().contains("\"GET / HTTP/1.0\" 200"), "console:\n{}", vm.console());
+}
+
+#[test]
+fn application_exit_status_is_runs_exit_status() {
+    let s = Scratch::new();
+    let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
+    let entry = r#"["sh","-c","echo out of the guest; exit 7"]"#;
+    assert_ok(&s.oci2uk(&["build", &image, "--entrypoint", entry, "-o", "bb.elf", "--quiet"]));
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let out = s.oci2uk(&["run", s.path().join("work/bb.elf").to_str().unwrap()]);
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "console:\n{console}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(console.contains("out of the guest"), "{console}");
+    assert!(console.contains("oci2uk: exit status 7"), "{console}");
+}
+
+#[test]
+fn build_time_errors_leave_no_output() {
+    let reg = env("OCI2UK_TEST_REGISTRY");
+    let s = Scratch::new();
+    // An arm64 image for an x86_64 kernel.
+    let out = s.oci2uk(&["build", &format!("{reg}/multi:latest"), "--platform", "linux/arm64"]);
+    assert_fails(&out, 1, &["aarch64", "x86_64"]);
+    // An entrypoint that is not in the image.
+    let out = s.oci2uk(&["build", &format!("{reg}/busybox:latest"), "--entrypoint", "/no/such/program"]);
+    assert_fails(&out, 1, &["/no/such/program"]);
+    // One that is not executable.
+    let out = s.oci2uk(&["build", &format!("{reg}/nginx:latest"), "--entrypoint", "/etc/debian_version"]);
+    assert_fails(&out, 1, &["/etc/debian_version"]);
+    assert!(s.outputs().is_empty(), "no output left: {:?}", s.outputs());
+}
