@@ -240,3 +240,31 @@ fn bakes_the_installed_kernel_if_any() {
 }
 
 mod vm;
+
+/// Damaged kernels give errors, never panics, from reading through planning and writing.
+#[test]
+fn damaged_kernels_never_panic() {
+    let good = tiny_vmlinux(Some(ENTRY));
+    let mut inputs = Vec::new();
+    for cut in (0..0x1200).step_by(7) {
+        inputs.push(good[..cut].to_vec());
+    }
+    for at in 0..0x140 {
+        for bits in [0x01, 0x80, 0xff] {
+            let mut bad = good.clone();
+            bad[at] ^= bits;
+            inputs.push(bad);
+        }
+    }
+    let note = Elf::parse(&good).unwrap().phdrs.last().unwrap().offset as usize;
+    for at in note..note + 64 {
+        let mut bad = good.clone();
+        bad[at] ^= 0xff;
+        inputs.push(bad);
+    }
+    for input in inputs {
+        if let Ok(k) = Kernel::parse(input) {
+            let _ = bake(&k, &b"x"[..], 1, "quiet", std::io::sink());
+        }
+    }
+}
