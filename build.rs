@@ -13,7 +13,13 @@ const TARGET: &str = "x86_64-unknown-linux-musl";
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("oci2uk-init");
-    for p in ["init/src", "init/Cargo.toml", "config/src", "config/Cargo.toml", "Cargo.lock"] {
+    for p in [
+        "init/src",
+        "init/Cargo.toml",
+        "config/src",
+        "config/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
     println!("cargo:rerun-if-env-changed=OCI2UK_INIT_BIN");
@@ -26,7 +32,15 @@ fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&manifest)
-        .args(["build", "--release", "--locked", "-p", "oci2uk-init", "--target", TARGET])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "oci2uk-init",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         // The outer build's flags and profile settings are for the host, not the init.

@@ -86,7 +86,8 @@ pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_net", 
 /// The command line baked into every file, before `oci2uk.memory=` is added: a serial console,
 /// reboot on panic (with `-no-reboot`, QEMU exits), the tree unpacked into ramfs (no size cap),
 /// and the init at its private path.
-pub const BAKED_CMDLINE: &str = "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet";
+pub const BAKED_CMDLINE: &str =
+    "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet";
 
 /// What a build produced.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -273,11 +274,16 @@ struct Job {
 
 impl Job {
     fn run(self, mut sink: Sink) -> Result<(Digest, u64, Option<u64>), BuildError> {
-        let tree = flatten::flatten(&self.img.layers, &self.req.flatten, &self.spool, &self.progress)
-            .map_err(|source| BuildError::Flatten {
-                source_name: self.req.source.to_string(),
-                source,
-            })?;
+        let tree = flatten::flatten(
+            &self.img.layers,
+            &self.req.flatten,
+            &self.spool,
+            &self.progress,
+        )
+        .map_err(|source| BuildError::Flatten {
+            source_name: self.req.source.to_string(),
+            source,
+        })?;
         let out_err = |source: io::Error| BuildError::Output {
             path: self.dest_name.clone(),
             source,
@@ -305,7 +311,9 @@ impl Job {
         };
         let mut config = plan::plan(&self.img, tree, &self.req.overrides, &target)?;
         let modules = kernel.modules(self.req.modules.as_deref())?;
-        let needed = modules.closure(GUEST_MODULES).map_err(BuildError::Modules)?;
+        let needed = modules
+            .closure(GUEST_MODULES)
+            .map_err(BuildError::Modules)?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
         for m in &needed {
             let ko = modules.read(m).map_err(BuildError::Modules)?;
@@ -322,10 +330,11 @@ impl Job {
         };
         // The bake must know the initramfs's length before writing it: spool it beside the
         // blobs (same filesystem as the cache, removed when dropped).
-        let mut initramfs = tempfile::tempfile_in(&self.tmp).map_err(|source| BuildError::Output {
-            path: self.tmp.display().to_string(),
-            source,
-        })?;
+        let mut initramfs =
+            tempfile::tempfile_in(&self.tmp).map_err(|source| BuildError::Output {
+                path: self.tmp.display().to_string(),
+                source,
+            })?;
         let stats = rootfs::write_initramfs(
             tree,
             &extras,

@@ -16,7 +16,11 @@ mod tests {
         let phnum = u16::from_le_bytes([elf[56], elf[57]]) as usize;
         for i in 0..phnum {
             let ph = &elf[phoff + i * phentsize..];
-            assert_ne!(u32::from_le_bytes(ph[..4].try_into().unwrap()), 3, "PT_INTERP found");
+            assert_ne!(
+                u32::from_le_bytes(ph[..4].try_into().unwrap()),
+                3,
+                "PT_INTERP found"
+            );
         }
     }
 }

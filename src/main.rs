@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Pull an image, flatten it and write the output (the default command).
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Boot a baked file on QEMU: console on stdout, the application's exit status as ours.
     Run(RunArgs),
 }
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
     };
     match cli.command {
-        Command::Build(args) => match runtime.block_on(cmd_build(args)) {
+        Command::Build(args) => match runtime.block_on(cmd_build(*args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
@@ -361,7 +361,9 @@ async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
             _ => match std::env::var(kv) {
                 Ok(v) if !kv.is_empty() => Ok((kv.clone(), v)),
-                _ => anyhow::bail!("invalid -e {kv:?}: expected K=V, or the name of a set variable"),
+                _ => {
+                    anyhow::bail!("invalid -e {kv:?}: expected K=V, or the name of a set variable")
+                }
             },
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -116,9 +116,10 @@ pub enum RunError {
 /// must be usable.
 pub fn kvm_usable() -> Result<(), String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let has_flag = cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| {
-        l.split_whitespace().any(|f| f == "vmx" || f == "svm")
-    });
+    let has_flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !has_flag {
         return Err("the CPU shows neither vmx nor svm, so KVM cannot run guests here".into());
     }
@@ -293,7 +294,11 @@ pub async fn run(
             let why = match exit {
                 Ok(Ok(st)) => {
                     let text = String::from_utf8_lossy(&stderr);
-                    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                    let last = text
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
                     if last.is_empty() {
                         format!("QEMU {st}")
                     } else {
@@ -366,9 +371,15 @@ mod tests {
     #[test]
     fn port_forwards() {
         let p: PortForward = "8080:80".parse().unwrap();
-        assert_eq!((p.host_ip, p.host, p.guest, p.proto), (None, 8080, 80, "tcp"));
+        assert_eq!(
+            (p.host_ip, p.host, p.guest, p.proto),
+            (None, 8080, 80, "tcp")
+        );
         let p: PortForward = "127.0.0.1:53:5353/udp".parse().unwrap();
-        assert_eq!((p.host_ip.as_deref(), p.host, p.guest, p.proto), (Some("127.0.0.1"), 53, 5353, "udp"));
+        assert_eq!(
+            (p.host_ip.as_deref(), p.host, p.guest, p.proto),
+            (Some("127.0.0.1"), 53, 5353, "udp")
+        );
         for bad in ["80", "a:80", "0:80", "8080:80/sctp", "1:2:3:4", "70000:80"] {
             assert!(bad.parse::<PortForward>().is_err(), "{bad}");
         }
@@ -376,8 +387,14 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        assert_eq!(GuestStatus::parse("oci2uk: exit status 7\r\n"), Some(GuestStatus::Exited(7)));
-        assert_eq!(GuestStatus::parse("oci2uk: killed by signal 9"), Some(GuestStatus::Signalled(9)));
+        assert_eq!(
+            GuestStatus::parse("oci2uk: exit status 7\r\n"),
+            Some(GuestStatus::Exited(7))
+        );
+        assert_eq!(
+            GuestStatus::parse("oci2uk: killed by signal 9"),
+            Some(GuestStatus::Signalled(9))
+        );
         assert_eq!(GuestStatus::parse("app: oci2uk: exit status 7 "), None);
         assert_eq!(GuestStatus::Signalled(9).exit_code(), 137);
         assert_eq!(GuestStatus::Exited(7).exit_code(), 7);

@@ -199,7 +199,11 @@ fn transient_faults_give_the_same_bytes() {
 
 #[test]
 fn permanent_fault_is_one_clear_line_and_no_output() {
-    let proxy = start_proxy(env("OCI2UK_TEST_REGISTRY"), vec![Fault::Always500; 64], vec![]);
+    let proxy = start_proxy(
+        env("OCI2UK_TEST_REGISTRY"),
+        vec![Fault::Always500; 64],
+        vec![],
+    );
     let s = Scratch::new();
     let out = pull_via(&proxy, &s, "busybox:latest");
     assert_fails(&out, 1, &["sha256:"]);

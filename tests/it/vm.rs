@@ -44,7 +44,11 @@ impl Drop for Vm {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// GETs `/` on the forwarded port until it answers 200 or `timeout` passes.
@@ -58,7 +62,10 @@ fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
             let _ = s.read_to_end(&mut resp);
             let resp = String::from_utf8_lossy(&resp).into_owned();
             if resp.starts_with("HTTP/1.1 200") {
-                return resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+                return resp
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default();
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -73,7 +80,15 @@ fn nginx_elf() -> &'static (PathBuf, String) {
         let s = Scratch::new();
         let image = format!("{}/nginx:latest", env("OCI2UK_TEST_REGISTRY"));
         assert_ok(&s.oci2uk(&["build", &image, "-o", "nginx.elf", "--quiet"]));
-        assert_ok(&s.oci2uk(&["build", &image, "--format", "tar", "-o", "nginx.tar", "--quiet"]));
+        assert_ok(&s.oci2uk(&[
+            "build",
+            &image,
+            "--format",
+            "tar",
+            "-o",
+            "nginx.tar",
+            "--quiet",
+        ]));
         let tar = std::fs::read(s.path().join("work/nginx.tar")).unwrap();
         let mut page = String::new();
         for e in tar::Archive::new(&tar[..]).entries().unwrap() {
@@ -93,10 +108,23 @@ fn nginx_elf() -> &'static (PathBuf, String) {
 
 fn qemu(machine: &str, nic: &str, elf: &Path, port: u16) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "tcg", "-m", "512", "-M", machine, "-nographic", "-no-reboot", "-kernel"])
-        .arg(elf)
-        .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80")])
-        .args(["-device", &format!("{nic},netdev=n0")]);
+    c.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-M",
+        machine,
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+    ])
+    .arg(elf)
+    .args([
+        "-netdev",
+        &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"),
+    ])
+    .args(["-device", &format!("{nic},netdev=n0")]);
     c
 }
 
@@ -105,7 +133,10 @@ fn serves(machine: &str, nic: &str) {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::start(&mut qemu(machine, nic, elf, port), dir.path().join("console"));
+    let vm = Vm::start(
+        &mut qemu(machine, nic, elf, port),
+        dir.path().join("console"),
+    );
     let body = wait_page(port, &vm, Duration::from_secs(120));
     assert_eq!(&body, page, "the page is the image's index.html");
 }
@@ -127,16 +158,24 @@ fn nginx_serves_through_oci2uk_run() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
-    cmd.arg("run").arg(elf).args(["-p", &format!("127.0.0.1:{port}:80")]);
+    cmd.arg("run")
+        .arg(elf)
+        .args(["-p", &format!("127.0.0.1:{port}:80")]);
     let vm = Vm::start(&mut cmd, dir.path().join("console"));
     let body = wait_page(port, &vm, Duration::from_secs(120));
     assert_eq!(&body, page);
     // nginx logs to stdout: the request shows on the console `run` passes through.
     let start = Instant::now();
-    while !vm.console().contains("\"GET / HTTP/1.0\" 200") && start.elapsed() < Duration::from_secs(20) {
+    while !vm.console().contains("\"GET / HTTP/1.0\" 200")
+        && start.elapsed() < Duration::from_secs(20)
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(vm.console().contains("\"GET / HTTP/1.0\" 200"), "console:\n{}", vm.console());
+    assert!(
+        vm.console().contains("\"GET / HTTP/1.0\" 200"),
+        "console:\n{}",
+        vm.console()
+    );
 }
 
 #[test]
@@ -144,11 +183,24 @@ fn application_exit_status_is_runs_exit_status() {
     let s = Scratch::new();
     let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
     let entry = r#"["sh","-c","echo out of the guest; exit 7"]"#;
-    assert_ok(&s.oci2uk(&["build", &image, "--entrypoint", entry, "-o", "bb.elf", "--quiet"]));
+    assert_ok(&s.oci2uk(&[
+        "build",
+        &image,
+        "--entrypoint",
+        entry,
+        "-o",
+        "bb.elf",
+        "--quiet",
+    ]));
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let out = s.oci2uk(&["run", s.path().join("work/bb.elf").to_str().unwrap()]);
     let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(7), "console:\n{console}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "console:\n{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(console.contains("out of the guest"), "{console}");
     assert!(console.contains("oci2uk: exit status 7"), "{console}");
 }
@@ -158,13 +210,28 @@ fn build_time_errors_leave_no_output() {
     let reg = env("OCI2UK_TEST_REGISTRY");
     let s = Scratch::new();
     // An arm64 image for an x86_64 kernel.
-    let out = s.oci2uk(&["build", &format!("{reg}/multi:latest"), "--platform", "linux/arm64"]);
+    let out = s.oci2uk(&[
+        "build",
+        &format!("{reg}/multi:latest"),
+        "--platform",
+        "linux/arm64",
+    ]);
     assert_fails(&out, 1, &["aarch64", "x86_64"]);
     // An entrypoint that is not in the image.
-    let out = s.oci2uk(&["build", &format!("{reg}/busybox:latest"), "--entrypoint", "/no/such/program"]);
+    let out = s.oci2uk(&[
+        "build",
+        &format!("{reg}/busybox:latest"),
+        "--entrypoint",
+        "/no/such/program",
+    ]);
     assert_fails(&out, 1, &["/no/such/program"]);
     // One that is not executable.
-    let out = s.oci2uk(&["build", &format!("{reg}/nginx:latest"), "--entrypoint", "/etc/debian_version"]);
+    let out = s.oci2uk(&[
+        "build",
+        &format!("{reg}/nginx:latest"),
+        "--entrypoint",
+        "/etc/debian_version",
+    ]);
     assert_fails(&out, 1, &["/etc/debian_version"]);
     assert!(s.outputs().is_empty(), "no output left: {:?}", s.outputs());
 }
