@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Runs every check the project has: formatting, lints, unit tests, and the integration tests
-# against the loopback test registry (started here if it is not up).
+# Runs every check the project has: formatting, lints, unit tests, the integration tests
+# against the loopback test registry (started here if it is not up) and the VM tests
+# (qemu-system-x86_64 under TCG with Debian's cloud kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 testregistry/install.sh
+scripts/install-vm.sh
 testregistry/up.sh
 # shellcheck disable=SC1091
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --all-features -- -D warnings
-cargo test --all-features
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo test --workspace --all-features

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what baking and booting need: QEMU and Debian's cloud kernel (the reference kernel:
+# PVH and Xen built in, virtio as modules), and the musl target the guest init is built for.
+set -euo pipefail
+
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || missing+=(linux-image-cloud-amd64)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-vm.sh: run as root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+        --no-install-recommends "${missing[@]}"
+fi
+if command -v rustup >/dev/null; then
+    rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
+        rustup target add x86_64-unknown-linux-musl
+fi
