@@ -3,7 +3,7 @@
 //! The library is organised by pipeline stage; data flows one way:
 //!
 //! ```text
-//! source ──> image ──> flatten ──> output
+//! source ──> image ──> flatten ──> plan ──> rootfs ──> bake ──> output
 //! ```
 //!
 //! - [`reference`]: what the user names (a registry reference or a transport such as
@@ -17,7 +17,12 @@
 //! - [`output`]: a tree in, bytes out (the `tar` format).
 //! - [`kernel`]: a kernel image in (bzImage, vmlinux), a [`kernel::Kernel`] out: its vmlinux,
 //!   version, PVH entry, configuration and module tree.
+//! - [`plan`]: image config + tree + CLI overrides in, the checked launch configuration
+//!   ([`oci2uk_config::Config`]) out.
+//! - [`rootfs`]: tree + init + modules + configuration in, a compressed newc initramfs out.
 //! - [`bake`]: kernel + initramfs + command line in, one bootable PVH ELF out.
+//! - [`build`]: the whole pipeline for the `build` command; [`run`]: a baked file in, a QEMU
+//!   guest out; [`init_blob`]: the embedded guest init.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
