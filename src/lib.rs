@@ -28,6 +28,7 @@
 
 pub mod bake;
 pub mod build;
+pub mod bundle;
 pub mod cache;
 pub mod flatten;
 pub mod image;
