@@ -12,21 +12,26 @@
 # Layout tags:   busybox (linux/amd64)  busybox-arm64  multi (index of both)
 #                nginx (gzip)  nginx-zstd  nginx-raw (uncompressed layers); no nginx-docker,
 #                see build()
+#                guestcheck (busybox plus a layer with guestcheck/check.sh, for the VM tests)
 # Registry names: busybox:latest busybox:arm64 multi:latest
 #                 nginx:latest nginx:zstd nginx:raw nginx:docker (Docker schema 2)
+#                 guestcheck:latest
 #
 # The layout is cached under ${OCI2UK_FIXTURE_CACHE:-~/.cache/oci2uk-fixtures}/KEY/layout, KEY
-# being a hash of this script: debootstrap takes minutes, and an unchanged recipe gives the same
-# images, so only a change here rebuilds.
+# being a hash of this script and the files it puts into images: debootstrap takes minutes, and
+# an unchanged recipe gives the same images, so only a change here rebuilds.
 set -Eeuo pipefail
 # set -e alone exits silently; say where.
 trap 'printf "fixtures: error: line %s: %s failed\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 script=$(readlink -f "${BASH_SOURCE[0]}")
+here=$(dirname "$script")
 cache_root=${OCI2UK_FIXTURE_CACHE:-$HOME/.cache/oci2uk-fixtures}
 arch=$(dpkg --print-architecture)
+# The guestcheck image's script.
+guestcheck_script=$here/guestcheck/check.sh
 # The host architecture is part of the key because debootstrap builds the nginx image for it.
-key=$({ cat "$script"; echo "$arch"; } | sha256sum | cut -c1-16)
+key=$({ cat "$script" "$guestcheck_script"; echo "$arch"; } | sha256sum | cut -c1-16)
 final=$cache_root/$key
 layout=$final/layout
 
@@ -192,6 +197,45 @@ EOF
         --history.created_by 'CMD ["nginx" "-g" "daemon off;"]'
 }
 
+# The guestcheck image: the busybox image plus one layer holding guestcheck/check.sh, which checks
+# from inside a booted guest that the configuration below took effect as docker applies it:
+# a relative Entrypoint found in the WorkingDir, Cmd arguments (one with a space, one a glob
+# character), a User given by name with supplementary groups, Env values (with '=', empty), and
+# a Volume owned by that user whose content seeds the guest's tmpfs.
+build_guestcheck() {
+    umoci tag --image "$oci:busybox" guestcheck
+    local dir=$scratch/guestcheck
+    umoci unpack --image "$oci:guestcheck" "$dir" >/dev/null
+    local root=$dir/rootfs
+    [[ -f $root/etc/passwd && -f $root/etc/group ]] || die "guestcheck: the busybox tree has no account files"
+    # app is listed as a member of audio and staff; its primary group app lists nobody.
+    printf '%s\n' 'app:x:1000:1000:guest check:/home/app:/bin/sh' >>"$root/etc/passwd"
+    printf '%s\n' 'audio:x:29:app' 'staff:x:50:daemon,app' 'app:x:1000:' 'other:x:1001:daemon' \
+        >>"$root/etc/group"
+    mkdir -p "$root/app" "$root/home/app" "$root/data/sub"
+    install -m 0755 "$guestcheck_script" "$root/app/check.sh"
+    chown 1000:1000 "$root/home/app"
+    chmod 0700 "$root/home/app"
+    # The volume's directory: app's, 0750, with content the guest's tmpfs must be seeded with
+    # (owners and modes kept, a root-only file included).
+    printf 'seeded by the image\n' >"$root/data/seed.txt"
+    chmod 0640 "$root/data/seed.txt"
+    printf 'nested seed\n' >"$root/data/sub/nested.txt"
+    chown -R 1000:1000 "$root/data"
+    chmod 0750 "$root/data"
+    printf 'only root reads this\n' >"$root/data/root-only"
+    chmod 0600 "$root/data/root-only"
+    umoci repack --image "$oci:guestcheck" --history.created_by "add the app user, /app/check.sh and /data" \
+        "$dir"
+    rm -rf --one-file-system "$dir"
+    # --clear config.cmd: the busybox base's Cmd ["sh"] goes.
+    umoci config --image "$oci:guestcheck" --clear config.cmd --config.user app --config.workingdir /app \
+        --config.entrypoint ./check.sh --config.cmd all --config.cmd 'two words' --config.cmd '*' \
+        --config.env 'GREETING=hello world' --config.env EQUALS=a=b=c --config.env EMPTY= \
+        --config.volume /data --config.label org.opencontainers.image.title=oci2uk-guestcheck-fixture \
+        --history.created_by 'USER app; WORKDIR /app; ENTRYPOINT ["./check.sh"]; CMD ["all", "two words", "*"]; VOLUME /data'
+}
+
 # complete_tar FILE: add the padding and end-of-archive blocks a truncated tar stream lacks.
 complete_tar() {
     local file=$1 size
@@ -276,6 +320,19 @@ usr/local/share/oci2uk/more-links/c link to usr/local/share/oci2uk/links/a"
     done
 }
 
+# check_guestcheck LAYOUT: fail unless the configuration is the one check.sh expects (a wrong
+# umoci flag would otherwise show only as failed checks in a booted guest).
+check_guestcheck() {
+    local dir=$1 m c
+    m=$(tag_digest guestcheck "$dir")
+    c=$(jq -r .config.digest "$dir/blobs/sha256/${m#sha256:}")
+    jq -e '.config | .Entrypoint == ["./check.sh"] and .Cmd == ["all", "two words", "*"]
+        and .User == "app" and .WorkingDir == "/app" and (.Volumes | keys) == ["/data"]
+        and (.Env | index("GREETING=hello world") != null and index("EQUALS=a=b=c") != null
+             and index("EMPTY=") != null)' \
+        "$dir/blobs/sha256/${c#sha256:}" >/dev/null || die "guestcheck: unexpected config"
+}
+
 build() {
     [[ -f $layout/index.json ]] && return
     [[ $(id -u) -eq 0 ]] || die "building the fixtures needs root (debootstrap, chroot, device nodes)"
@@ -301,6 +358,8 @@ build() {
     build_busybox amd64 busybox
     build_busybox arm64 busybox-arm64
     build_nginx
+    log "building guestcheck"
+    build_guestcheck
     # Drop the intermediate manifests and configs every umoci step leaves behind.
     umoci gc --layout "$dir"
 
@@ -319,6 +378,8 @@ build() {
     check_layers "$dir" nginx application/vnd.oci.image.layer.v1.tar+gzip 3
     check_layers "$dir" nginx-zstd application/vnd.oci.image.layer.v1.tar+zstd 3
     check_layers "$dir" nginx-raw application/vnd.oci.image.layer.v1.tar 3
+    check_layers "$dir" guestcheck application/vnd.oci.image.layer.v1.tar+gzip 2
+    check_guestcheck "$dir"
     check_nginx "$dir"
 
     rm -rf --one-file-system "$scratch"
@@ -370,6 +431,7 @@ push_all() {
     push nginx "$plain/nginx:latest" "${http[@]}" --preserve-digests
     push nginx-zstd "$plain/nginx:zstd" "${http[@]}" --preserve-digests
     push nginx-raw "$plain/nginx:raw" "${http[@]}" --preserve-digests
+    push guestcheck "$plain/guestcheck:latest" "${http[@]}" --preserve-digests
     # Docker schema 2 has no zstd or uncompressed-OCI media types; from the gzip image skopeo
     # rewrites only the manifest, the blobs stay the same. After nginx:latest on purpose: skopeo's
     # blob cache knows the zstd blobs as equivalents of the gzip ones and, were the gzip blobs
@@ -389,6 +451,7 @@ push_all() {
     check_pushed "$plain/nginx:latest" "$gzip" "${insecure[@]}"
     check_pushed "$plain/nginx:zstd" "$zstd" "${insecure[@]}"
     check_pushed "$plain/nginx:raw" "$raw" "${insecure[@]}"
+    check_pushed "$plain/guestcheck:latest" "$gzip" "${insecure[@]}"
     check_pushed "$plain/nginx:docker" "$docker" "${insecure[@]}"
     check_pushed "$OCI2UK_TEST_REGISTRY_HTPASSWD/busybox:latest" "$gzip" "${insecure[@]}" \
         --creds "$OCI2UK_TEST_CREDS"

@@ -8,6 +8,8 @@ mod cli;
 mod conformance;
 #[cfg(feature = "registry-tests")]
 mod faults;
+#[cfg(feature = "vm-tests")]
+mod guest;
 #[cfg(feature = "registry-tests")]
 mod registry;
 mod util;
