@@ -13,4 +13,5 @@ source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
-cargo test --workspace --all-features
+# The library's own VM checks (bake, bundle) run too.
+OCI2UK_VM_TESTS=1 cargo test --workspace --all-features

@@ -150,9 +150,6 @@ pub enum BuildError {
     /// The cache could not be used.
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
-    /// The format is not produced by this version.
-    #[error("--format {0} is not available in this version of oci2uk")]
-    FormatUnavailable(&'static str),
     /// The kernel cannot be used.
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
@@ -168,6 +165,9 @@ pub enum BuildError {
     /// The bake failed.
     #[error("cannot bake the kernel file")]
     Bake(#[from] bake::BakeError),
+    /// The bundle could not be written.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
 }
 
 /// Runs a build.
@@ -176,9 +176,6 @@ pub async fn build(
     cache: &Cache,
     progress: &Progress,
 ) -> Result<BuildOutcome, BuildError> {
-    if req.format == Format::Bundle {
-        return Err(BuildError::FormatUnavailable(req.format.extension()));
-    }
     let source_name = req.source.to_string();
     let dest = match &req.output {
         Some(d) => d.clone(),
@@ -204,10 +201,26 @@ pub async fn build(
             Some((chosen, k))
         }
     };
-    let sink = Sink::open(&dest).map_err(|source| BuildError::Output {
-        path: dest.display(),
-        source,
-    })?;
+    // A bundle is a directory, written whole by the bundle stage; the other formats stream
+    // into one file.
+    let sink = match req.format {
+        Format::Bundle => {
+            if dest == Destination::Stdout {
+                return Err(BuildError::Output {
+                    path: "-".into(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a bundle is a directory and cannot go to standard output",
+                    ),
+                });
+            }
+            None
+        }
+        _ => Some(Sink::open(&dest).map_err(|source| BuildError::Output {
+            path: dest.display(),
+            source,
+        })?),
+    };
 
     let mut resolve = req.resolve.clone();
     resolve.platform = match (&req.platform, &kernel) {
@@ -273,7 +286,7 @@ struct Job {
 }
 
 impl Job {
-    fn run(self, mut sink: Sink) -> Result<(Digest, u64, Option<u64>), BuildError> {
+    fn run(self, sink: Option<Sink>) -> Result<(Digest, u64, Option<u64>), BuildError> {
         let tree = flatten::flatten(
             &self.img.layers,
             &self.req.flatten,
@@ -288,6 +301,10 @@ impl Job {
             path: self.dest_name.clone(),
             source,
         };
+        let Some(mut sink) = sink else {
+            let kernel = self.kernel.as_ref().expect("a bundle has a kernel");
+            return self.bundle(kernel, &tree);
+        };
         let memory = match &self.kernel {
             None => {
                 let opts = output::tar::TarOptions {
@@ -297,14 +314,87 @@ impl Job {
                     .map_err(|e| out_err(io::Error::other(e)))?;
                 None
             }
-            Some(kernel) => Some(self.baked(kernel, &tree, &mut sink)?),
+            Some(kernel) => {
+                let (initramfs, len, memory) = self.initramfs(kernel, &tree)?;
+                let reader = io::BufReader::with_capacity(1 << 20, initramfs);
+                if self.req.format == Format::Initrd {
+                    let mut reader = reader;
+                    io::copy(&mut reader, &mut sink).map_err(&out_err)?;
+                } else {
+                    bake::bake(kernel, reader, len, &baked_cmdline(memory), &mut sink)?;
+                }
+                Some(memory)
+            }
         };
         let (digest, size) = sink.finish().map_err(out_err)?;
         Ok((digest, size, memory))
     }
 
-    /// Writes the initramfs (and, for `elf`, bakes it); returns the guest memory needed.
-    fn baked(&self, kernel: &Kernel, tree: &Tree, sink: &mut Sink) -> Result<u64, BuildError> {
+    /// Writes the bundle directory: vmlinux, initrd, the baked file, command line and launch
+    /// files. Its digest and size are those of the baked file inside.
+    fn bundle(
+        &self,
+        kernel: &Kernel,
+        tree: &Tree,
+    ) -> Result<(Digest, u64, Option<u64>), BuildError> {
+        let tmp_err = |source: io::Error| BuildError::Output {
+            path: self.tmp.display().to_string(),
+            source,
+        };
+        let (initramfs, len, memory) = self.initramfs(kernel, tree)?;
+        let initrd = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
+        let elf = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
+        {
+            let mut src = io::BufReader::with_capacity(1 << 20, &initramfs);
+            io::copy(&mut src, &mut io::BufWriter::new(initrd.as_file())).map_err(tmp_err)?;
+        }
+        // Bundle files are ordinary files, not the 0600 of a temporary one.
+        for f in [initrd.as_file(), elf.as_file()] {
+            set_default_mode(f).map_err(tmp_err)?;
+        }
+        let cmdline = baked_cmdline(memory);
+        let mut src = initrd.reopen().map_err(tmp_err)?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, elf.as_file());
+        bake::bake(kernel, io::BufReader::new(&mut src), len, &cmdline, &mut w)?;
+        w.flush().map_err(tmp_err)?;
+        drop(w);
+        let like: Digest =
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                .parse()
+                .expect("valid");
+        let (digest, size) =
+            crate::cache::digest_reader(io::BufReader::new(elf.reopen().map_err(tmp_err)?), &like)?;
+        let ports = self
+            .img
+            .config
+            .config()
+            .as_ref()
+            .and_then(|c| c.exposed_ports().clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let parts = crate::bundle::BundleParts {
+            name: self.req.source.name(),
+            vmlinux: crate::bundle::Blob::Bytes(kernel.vmlinux()?),
+            initrd: crate::bundle::Blob::File(initrd.path()),
+            elf: Some(crate::bundle::Blob::File(elf.path())),
+            cmdline,
+            memory_mib: memory,
+            vcpus: 1,
+            ports,
+        };
+        crate::bundle::write_bundle(Path::new(&self.dest_name), &parts)?;
+        Ok((digest, size, Some(memory)))
+    }
+
+    /// Plans the launch configuration and writes the initramfs to a temporary file; returns
+    /// it (rewound), its length and the guest memory the image needs.
+    fn initramfs(
+        &self,
+        kernel: &Kernel,
+        tree: &Tree,
+    ) -> Result<(std::fs::File, u64, u64), BuildError> {
         let target = plan::Target {
             machine: kernel.machine,
             name: self.req.source.name(),
@@ -349,25 +439,16 @@ impl Job {
                 path: self.tmp.display().to_string(),
                 source,
             })?;
-        let reader = io::BufReader::with_capacity(1 << 20, initramfs);
-        match self.req.format {
-            Format::Initrd => {
-                let mut reader = reader;
-                io::copy(&mut reader, sink).map_err(|source| BuildError::Output {
-                    path: self.dest_name.clone(),
-                    source,
-                })?;
-            }
-            _ => {
-                let cmdline = format!(
-                    "{BAKED_CMDLINE} tsc_early_khz={} oci2uk.memory={memory}M",
-                    tsc_khz()
-                );
-                bake::bake(kernel, reader, stats.compressed_size, &cmdline, sink)?;
-            }
-        }
-        Ok(memory)
+        Ok((initramfs, stats.compressed_size, memory))
     }
+}
+
+/// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.
+fn baked_cmdline(memory_mib: u64) -> String {
+    format!(
+        "{BAKED_CMDLINE} tsc_early_khz={} oci2uk.memory={memory_mib}M",
+        tsc_khz()
+    )
 }
 
 /// The TSC frequency to bake, in kHz: this machine's. A guest without a reference timer to

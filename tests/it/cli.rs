@@ -110,13 +110,13 @@ fn failure_keeps_an_existing_output() {
 }
 
 #[test]
-fn unavailable_format_is_a_clear_error() {
+fn a_missing_kernel_is_named() {
     let s = Scratch::new();
     let src = format!(
         "docker-archive:{}",
         conformance("source_image.tar").display()
     );
-    let out = s.oci2uk(&[&src]);
-    assert_fails(&out, 1, &["--format elf"]);
+    let out = s.oci2uk(&[&src, "--kernel", "/nonexistent/vmlinuz"]);
+    assert_fails(&out, 1, &["/nonexistent/vmlinuz"]);
     assert!(s.outputs().is_empty());
 }

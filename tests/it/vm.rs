@@ -235,3 +235,49 @@ fn build_time_errors_leave_no_output() {
     assert_fails(&out, 1, &["/etc/debian_version"]);
     assert!(s.outputs().is_empty(), "no output left: {:?}", s.outputs());
 }
+
+#[test]
+fn bundle_holds_the_parts_and_launch_files() {
+    let s = Scratch::new();
+    let image = format!("{}/nginx:latest", env("OCI2UK_TEST_REGISTRY"));
+    let out = s.oci2uk(&["build", &image, "--format", "bundle", "--json"]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = s.path().join("work/nginx.bundle");
+    assert_eq!(v["output"], "nginx.bundle");
+    for f in [
+        "vmlinux",
+        "initrd",
+        "cmdline",
+        "nginx.elf",
+        "qemu.sh",
+        "firecracker.json",
+        "cloud-hypervisor.sh",
+        "xen-pvh.cfg",
+        "xen-pv.cfg",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} in the bundle");
+    }
+    let elf = std::fs::read(dir.join("nginx.elf")).unwrap();
+    assert_eq!(
+        v["sha256"].as_str().unwrap(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&elf))
+    );
+    let fc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("firecracker.json")).unwrap()).unwrap();
+    assert_eq!(fc["boot-source"]["kernel_image_path"], "vmlinux");
+    assert_eq!(fc["machine-config"]["mem_size_mib"], v["memory_mib"]);
+    for script in ["qemu.sh", "cloud-hypervisor.sh"] {
+        let st = Command::new("sh")
+            .arg("-n")
+            .arg(dir.join(script))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script} parses");
+    }
+    let pvh = std::fs::read_to_string(dir.join("xen-pvh.cfg")).unwrap();
+    assert!(
+        pvh.contains("type = \"pvh\"") && pvh.contains("nginx.elf"),
+        "{pvh}"
+    );
+}
