@@ -196,7 +196,10 @@ fn wait_page(guest: &mut Guest, port: u16, path: &str, timeout: Duration) -> Str
     let start = Instant::now();
     while start.elapsed() < timeout {
         if let Some(st) = guest.poll() {
-            panic!("the guest ended ({st}) before serving; console:\n{}", guest.console());
+            panic!(
+                "the guest ended ({st}) before serving; console:\n{}",
+                guest.console()
+            );
         }
         if let Some((status, body)) = http_get(port, path) {
             if status.starts_with("HTTP/1.") && status.contains(" 200 ") {
@@ -379,12 +382,23 @@ fn assert_checks(console: &str, names: &[&str]) {
     );
 }
 
-/// The console's last line that is not empty.
+/// Whether a console line is the kernel's (`[    5.429767] reboot: Power down`).
+fn is_kernel_line(l: &str) -> bool {
+    l.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .is_some_and(|(t, _)| {
+            let t = t.trim();
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
+/// The console's last line that is neither empty nor the kernel's: the kernel itself prints
+/// `reboot: Power down` after the init's status line, however quiet it is asked to be.
 fn last_line(console: &str) -> &str {
     console
         .lines()
         .map(|l| l.trim_end_matches('\r'))
-        .rfind(|l| !l.trim().is_empty())
+        .rfind(|l| !l.trim().is_empty() && !is_kernel_line(l))
         .unwrap_or("")
 }
 
@@ -403,7 +417,14 @@ fn guestcheck_elf(s: &Scratch, args: &[&str]) -> PathBuf {
     s.path().join("work/guestcheck.elf")
 }
 
-const IDENTITY_CHECKS: [&str; 6] = ["uid", "gid", "user-name", "groups", "proc-groups", "workdir"];
+const IDENTITY_CHECKS: [&str; 6] = [
+    "uid",
+    "gid",
+    "user-name",
+    "groups",
+    "proc-groups",
+    "workdir",
+];
 
 #[test]
 fn guestcheck_sees_the_image_configuration() {
@@ -448,7 +469,10 @@ fn guestcheck_sees_the_image_configuration() {
     assert_checks(&console, &names);
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert_eq!(last_line(&console), "oci2uk: exit status 0", "{console}");
-    eprintln!("guestcheck: {} checks passed, run took {took:.1?}", names.len());
+    eprintln!(
+        "guestcheck: {} checks passed, run took {took:.1?}",
+        names.len()
+    );
 }
 
 #[test]
@@ -498,10 +522,7 @@ fn boot_override_changes_env_and_argv_without_rebuilding() {
     ];
     names.extend(IDENTITY_CHECKS);
     assert_checks(&console, &names);
-    assert!(
-        console.contains("oci2uk: exit status 0"),
-        "QEMU {st}; console:\n{console}"
-    );
+    assert_eq!(last_line(&console), "oci2uk: exit status 0", "{console}");
     assert!(st.success(), "QEMU {st} after the guest powered off");
     eprintln!("guestcheck override: plain QEMU boot to power-off {took:.1?}");
 }
@@ -523,4 +544,53 @@ fn application_exit_status_and_output_come_out_of_run() {
     assert_eq!(last_line(&console), "oci2uk: exit status 7", "{console}");
     // The VM is off: run ended by itself and left no QEMU behind.
     assert!(guest.live_qemus().is_empty(), "{:?}", guest.live_qemus());
+}
+
+#[test]
+fn run_ended_by_sigterm_leaves_no_qemu() {
+    // What a CI job's cancellation, `timeout`, or `kill` sends: `run` must not leave its QEMU
+    // running (and holding the forwarded ports) when it goes.
+    let s = Scratch::new();
+    let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
+    let entry = r#"["sh","-c","echo guest app started; exec sleep 600"]"#;
+    assert_ok(&s.oci2uk(&[
+        "build",
+        &image,
+        "--entrypoint",
+        entry,
+        "-o",
+        "sleeper.elf",
+        "--quiet",
+    ]));
+    let _one = one_vm();
+    let mut guest = Guest::run(
+        &s.path().join("work/sleeper.elf"),
+        &[],
+        s.path().join("console"),
+    );
+    let start = Instant::now();
+    while !guest.console().contains("guest app started") {
+        if let Some(st) = guest.poll() {
+            panic!("run ended ({st}); console:\n{}", guest.console());
+        }
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "console:\n{}",
+            guest.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    guest.note_qemus();
+    assert_eq!(guest.live_qemus().len(), 1, "one QEMU under oci2uk run");
+    kill(guest.child.id(), "TERM");
+    let st = guest.wait(STOP_TIMEOUT);
+    let start = Instant::now();
+    while !guest.live_qemus().is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        guest.live_qemus().is_empty(),
+        "oci2uk run ended by SIGTERM ({st}) but its QEMU {:?} still runs",
+        guest.live_qemus()
+    );
 }
