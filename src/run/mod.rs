@@ -264,6 +264,10 @@ pub async fn run(
     let mut status = None;
     let mut line = Vec::new();
     let mut interrupted = false;
+    // QEMU runs in its own process group, so a SIGTERM or SIGHUP for oci2uk must end it here.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     loop {
         line.clear();
         tokio::select! {
@@ -276,6 +280,14 @@ pub async fn run(
                 if let Some(s) = GuestStatus::parse(&String::from_utf8_lossy(&line)) {
                     status = Some(s);
                 }
+            }
+            _ = term.recv(), if !interrupted => {
+                interrupted = true;
+                let _ = child.start_kill();
+            }
+            _ = hup.recv(), if !interrupted => {
+                interrupted = true;
+                let _ = child.start_kill();
             }
             _ = tokio::signal::ctrl_c(), if !interrupted => {
                 // The guest has no way to hear a shutdown request from here without a
