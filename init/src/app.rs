@@ -54,17 +54,19 @@ pub fn environment(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 /// the working directory), a relative path against the working directory. The error carries
 /// docker's status: 127 not found, 126 not executable.
 pub fn lookup(bin: &str, path_var: &str, workdir: &Path) -> Result<PathBuf, Error> {
+    // The path is checked against the working directory but returned as written (relative
+    // paths stay relative): the child changes into the working directory before exec, and a
+    // script's interpreter gets this path as the script's name (`$0`), as runc gives it.
     if bin.contains('/') {
-        let p = workdir.join(bin);
-        return match executable(&p) {
-            Ok(()) => Ok(p),
+        return match executable(&workdir.join(bin)) {
+            Ok(()) => Ok(PathBuf::from(bin)),
             Err(e) => Err(exec_error(bin, &e)),
         };
     }
     for dir in path_var.split(':') {
         let dir = if dir.is_empty() { "." } else { dir };
-        let p = workdir.join(dir).join(bin);
-        if executable(&p).is_ok() {
+        let p = Path::new(dir).join(bin);
+        if executable(&workdir.join(&p)).is_ok() {
             return Ok(p);
         }
     }
@@ -383,10 +385,13 @@ mod tests {
 
         assert_eq!(lookup("app", &path, &work).unwrap(), bin.join("app"));
         // A relative PATH entry is relative to the working directory.
-        assert_eq!(lookup("tool", &path, &work).unwrap(), work.join("sub/tool"));
+        assert_eq!(
+            lookup("tool", &path, &work).unwrap(),
+            PathBuf::from("sub/tool")
+        );
         assert_eq!(
             lookup("./run.sh", &path, &work).unwrap(),
-            work.join("./run.sh")
+            PathBuf::from("./run.sh")
         );
         let abs = bin.join("app");
         assert_eq!(lookup(abs.to_str().unwrap(), "", &work).unwrap(), abs);

@@ -17,23 +17,15 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// VMs under TCG are heavy on a small machine: one at a time in this module.
-static ONE_VM: Mutex<()> = Mutex::new(());
 
 /// How long a boot may take until the application answers or ends (TCG on a busy machine).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long `oci2uk run` may take to stop after a ctrl-C.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn one_vm() -> std::sync::MutexGuard<'static, ()> {
-    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Sends `signal` (`INT`, `KILL`) to `pid`.
 fn kill(pid: u32, signal: &str) {

@@ -275,3 +275,10 @@ pub fn env(var: &str) -> String {
         panic!("{var} is not set: run testregistry/up.sh and source /tmp/oci2uk-testreg/env")
     })
 }
+
+/// VMs under TCG are heavy on a two-core machine: the VM tests of every module take this lock,
+/// so that one guest boots at a time.
+pub fn one_vm() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -5,13 +5,10 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// VMs under TCG are heavy on a two-core machine: one at a time.
-static ONE_VM: Mutex<()> = Mutex::new(());
 
 /// A started VM (or `oci2uk run`), killed when dropped.
 struct Vm {
@@ -38,6 +35,19 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // SIGTERM first: `oci2uk run` then ends its QEMU, which runs in a process group of
+        // its own and would outlive a SIGKILL.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -130,7 +140,7 @@ fn qemu(machine: &str, nic: &str, elf: &Path, port: u16) -> Command {
 
 fn serves(machine: &str, nic: &str) {
     let (elf, page) = nginx_elf();
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_vm();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let vm = Vm::start(
@@ -154,7 +164,7 @@ fn nginx_serves_on_q35_with_plain_qemu() {
 #[test]
 fn nginx_serves_through_oci2uk_run() {
     let (elf, page) = nginx_elf();
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_vm();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
@@ -192,7 +202,7 @@ fn application_exit_status_is_runs_exit_status() {
         "bb.elf",
         "--quiet",
     ]));
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_vm();
     let out = s.oci2uk(&["run", s.path().join("work/bb.elf").to_str().unwrap()]);
     let console = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
