@@ -60,12 +60,20 @@ impl std::str::FromStr for PortForward {
                 guest: port(guest)?,
                 proto,
             }),
-            [guest, host, ip] if !ip.is_empty() => Ok(Self {
-                host_ip: Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()),
-                host: port(host)?,
-                guest: port(guest)?,
-                proto,
-            }),
+            [guest, host, ip]
+                if ip
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok() =>
+            {
+                Ok(Self {
+                    host_ip: Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()),
+                    host: port(host)?,
+                    guest: port(guest)?,
+                    proto,
+                })
+            }
             _ => Err(bad()),
         }
     }
