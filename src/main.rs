@@ -348,11 +348,22 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
 
 async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
     use oci2uk::run::{self, Accel, RunOptions};
-    let memory_mib = match &args.memory {
-        Some(m) => parse_memory(m)?,
-        None => run::recorded_memory(&args.file)
-            .with_context(|| format!("cannot read {}", args.file.display()))?
-            .unwrap_or(512),
+    let recorded = run::recorded_memory(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let memory_mib = match (&args.memory, recorded) {
+        (Some(m), Some(need)) => {
+            let m = parse_memory(m)?;
+            // Below this the initramfs does not fit: the kernel would fail to unpack it and
+            // panic, or hang before printing anything.
+            anyhow::ensure!(
+                m >= need,
+                "-m {m} is too small: {} needs {need} MiB of guest memory (recorded when it was built)",
+                args.file.display()
+            );
+            m
+        }
+        (Some(m), None) => parse_memory(m)?,
+        (None, need) => need.unwrap_or(512),
     };
     let env = args
         .env

@@ -213,6 +213,14 @@ fn application_exit_status_is_runs_exit_status() {
     );
     assert!(console.contains("out of the guest"), "{console}");
     assert!(console.contains("oci2uk: exit status 7"), "{console}");
+    // Too little memory for the initramfs is refused before boot, with status 125.
+    let out = s.oci2uk(&[
+        "run",
+        s.path().join("work/bb.elf").to_str().unwrap(),
+        "-m",
+        "64",
+    ]);
+    assert_fails(&out, 125, &["-m 64 is too small", "MiB"]);
 }
 
 #[test]
