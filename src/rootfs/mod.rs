@@ -7,7 +7,7 @@
 //!   the data starts on a 4-byte boundary; data padded to 4 bytes; a `TRAILER!!!` entry; no
 //!   padding after it beyond 4 bytes.
 //! - Paths relative (`etc/passwd`), sorted bytewise, so a directory comes before what it
-//!   holds; no entry for the root itself. Parent directories of every entry are present (the
+//!   holds; no entry for the root itself. The one exception, [`UNPACKED_PATH`], comes last. Parent directories of every entry are present (the
 //!   tree has them; extras get implied ones, `0755` root).
 //! - Inode numbers sequential from 1 in archive order; device fields 0.
 //! - A hardlink group (regular files sharing an inode) is one inode number with `nlink` the
@@ -44,6 +44,13 @@ pub const PRIVATE_DIR: &str = "/.oci2uk";
 pub const INIT_PATH: &str = "/.oci2uk/init";
 /// Where the launch configuration goes.
 pub const CONFIG_PATH: &str = "/rumpconfig.json";
+/// The last entry of the archive, out of sort order, whenever it has [`PRIVATE_DIR`]: an
+/// empty file that exists only if the kernel unpacked the whole initramfs. When the root
+/// filesystem fills up (a tmpfs is capped at half the memory), the kernel prints
+/// "Initramfs unpacking failed: write error", stops unpacking, and still starts the init,
+/// which sorts early and so is there: without this file the init knows the tree is cut short
+/// and can say that the guest needs more memory.
+pub const UNPACKED_PATH: &str = "/.oci2uk/unpacked";
 /// Where kernel modules go: `MODULES_DIR/NAME.ko` (see [`module_path`]), outside the image's
 /// own `/lib/modules`, which may be a symlink (merged `/usr`) or hold another kernel's tree.
 pub const MODULES_DIR: &str = "/.oci2uk/modules";
@@ -223,9 +230,12 @@ impl RootfsType {
     }
 }
 
-/// The kernel's own memory before the initramfs: Debian's cloud kernel (text and data,
-/// page tables, `struct page` array, slabs at boot), with margin.
-pub const KERNEL_MIB: u64 = 64;
+/// The kernel's own memory besides the initramfs: Debian's cloud kernel (text and data,
+/// page tables, `struct page` array, slabs at boot), with margin. Measured with Debian's
+/// 6.1 cloud kernel under QEMU: a 98 MiB tree with its 30 MiB zstd initramfs unpacks on ramfs
+/// at 208 MiB and not at 192; uncompressed (85 MiB) at 256 and not at 240, so the kernel and
+/// the decompressor take about 70 MiB while unpacking.
+pub const KERNEL_MIB: u64 = 80;
 /// What the application is given beyond its files.
 pub const APP_MIB: u64 = 64;
 /// The decompressor's working memory while unpacking: zstd's window, xz's dictionary or
@@ -242,7 +252,10 @@ pub const RESERVED_MIB: u64 = 32;
 ///   is freed, the application gets at least that much.
 /// - tmpfs: the same, and at least `2 × unpacked + RESERVED_MIB`, as the tree must fit in half
 ///   of the memory the kernel manages. (A 131 MiB nginx tree failed to unpack at 256 MiB and
-///   served at 320 MiB.)
+///   served at 320 MiB; a 98 MiB one failed at 192 and unpacked at 224.)
+///
+/// Too little memory on ramfs ends in the kernel's "System is deadlocked on memory" panic while
+/// unpacking; on tmpfs in a tree cut short (see [`UNPACKED_PATH`]).
 ///
 /// Rounded up to a multiple of 32 MiB; at least 128 MiB. The sizes are estimates: the figures
 /// are Debian's cloud kernel's, with margin.
@@ -442,6 +455,12 @@ fn merge<'a>(
 ) -> Result<BTreeMap<Cow<'a, [u8]>, Source<'a>>, RootfsError> {
     let mut by_path: BTreeMap<&[u8], &Extra> = BTreeMap::new();
     for x in extras {
+        if x.path == UNPACKED_PATH {
+            return Err(RootfsError::ExtraPath {
+                path: x.path.clone(),
+                why: "the path is oci2uk's own marker",
+            });
+        }
         if by_path.insert(extra_rel(x)?, x).is_some() {
             return Err(RootfsError::ExtraPath {
                 path: x.path.clone(),
@@ -660,6 +679,13 @@ fn write_entries<W: Write>(
                 }
             }
         }
+    }
+    if items.contains_key(&PRIVATE_DIR.as_bytes()[1..]) {
+        let h = Header::new(new_ino()?, S_IFREG | 0o444, 0, 0, 1, extra_mtime);
+        cpio.entry(&h, &UNPACKED_PATH.as_bytes()[1..], &[])?;
+        stats.entries += 1;
+        stats.files += 1;
+        stats.unpacked_size += 1024;
     }
     Ok(())
 }

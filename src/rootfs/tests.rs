@@ -133,6 +133,11 @@ fn write(tree: &Tree, extras: &[Extra], o: &RootfsOptions) -> (Vec<u8>, RootfsSt
     (out, stats)
 }
 
+fn r_mode(recs: &[Rec], name: &str) -> (u32, usize) {
+    let r = recs.iter().find(|r| r.name == name).unwrap();
+    (r.mode, r.data.len())
+}
+
 fn by_name(recs: &[Rec]) -> BTreeMap<&str, &Rec> {
     recs.iter().map(|r| (r.name.as_str(), r)).collect()
 }
@@ -170,8 +175,11 @@ fn archive_layout_hardlinks_and_extras() {
             "sym",
             "z",
             "z/data",
+            ".oci2uk/unpacked",
         ]
     );
+    // The marker comes last, after everything the tree has.
+    assert_eq!(r_mode(&recs, ".oci2uk/unpacked"), (0o100444, 0));
     let r = by_name(&recs);
 
     // Implied directories of the extras: 0755 root, mtime 0; the image's /.oci2uk is gone.
@@ -212,6 +220,7 @@ fn archive_layout_hardlinks_and_extras() {
     }
     assert_eq!(seen, (1..=seen.len() as u32).collect::<Vec<_>>());
     assert_eq!(seen.len(), recs.len() - 2);
+    assert_eq!(recs.last().unwrap().ino, seen.len() as u32);
 
     assert_eq!(r["sym"].mode & 0o170000, 0o120000);
     assert_eq!(r["sym"].data, "t".repeat(200).as_bytes());
@@ -223,8 +232,8 @@ fn archive_layout_hardlinks_and_extras() {
 
     assert_eq!(stats.entries, recs.len() as u64);
     assert_eq!(stats.cpio_size, bytes.len() as u64);
-    // init, config, module, kept, long, empty, passwd, the group once.
-    assert_eq!(stats.files, 8);
+    // init, config, module, kept, long, empty, passwd, the group once, the marker.
+    assert_eq!(stats.files, 9);
     assert_eq!(
         stats.content_size,
         [9, 10, 11, 4, 4, 0, 26, 3].iter().sum::<u64>()
@@ -637,6 +646,8 @@ fn bad_extra_paths_are_errors() {
             "{path}: {e}"
         );
     }
+    let e = err(&tree, &[Extra::file(UNPACKED_PATH, vec![], 0o644)]);
+    assert!(e.to_string().contains("oci2uk's own marker"), "{e}");
     let e = err(&tree, &[Extra::init(vec![]), Extra::init(vec![])]);
     assert!(
         e.to_string().contains("another extra has the same path"),
@@ -749,7 +760,12 @@ fn memory_needed_follows_the_formula() {
     assert_eq!(memory_needed(&nginx, RootfsType::Tmpfs), 320);
     // Tiny images: the kernel and the application's share.
     assert_eq!(memory_needed(&stats(1, 1), RootfsType::Ramfs), 160);
-    assert_eq!(memory_needed(&stats(0, 0), RootfsType::Tmpfs), 128);
+    assert_eq!(memory_needed(&stats(0, 0), RootfsType::Tmpfs), 160);
+    // The nginx fixture: 98 MiB unpacked, 30 MiB zstd (unpacks at 208 MiB on ramfs, 224 on
+    // tmpfs), or 85 MiB uncompressed (at 256 on ramfs, not 240).
+    assert_eq!(memory_needed(&stats(98, 30), RootfsType::Ramfs), 256);
+    assert_eq!(memory_needed(&stats(98, 30), RootfsType::Tmpfs), 256);
+    assert_eq!(memory_needed(&stats(98, 85), RootfsType::Ramfs), 288);
     // A big compressed image weighs while it is unpacked.
     assert_eq!(memory_needed(&stats(100, 90), RootfsType::Ramfs), 288);
     let m = memory_needed(&stats(1000, 300), RootfsType::Tmpfs);
@@ -813,9 +829,11 @@ b=/bin/busybox\n\
 $b mount -t proc proc /proc\n\
 set -- $($b stat -c %i /bin/busybox /bin/ls /bin/sh)\n\
 [ \"$1\" = \"$2\" ] && [ \"$2\" = \"$3\" ] && links=$($b stat -c %h /bin/sh)\n\
+if [ -e /.oci2uk/unpacked ]; then u=yes; else u=no; fi\n\
 echo \"OCI2UK-ROOTFS links=$links data=$($b cat /z/data) \
 meta=$($b stat -c %a:%u:%g /z/data) sym=$($b readlink /sym) \
-conf=$($b cat /rumpconfig.json) root=$($b stat -f -c %T /)\"\n\
+conf=$($b cat /rumpconfig.json) root=$($b stat -f -c %T /) \
+unpacked=$u\"\n\
 $b poweroff -f\n";
 
 /// Boots the installed kernel under QEMU (software emulation) with an initramfs in every
@@ -849,7 +867,7 @@ fn the_kernel_unpacks_every_codec() {
         Extra::config(b"{}".to_vec()),
     ];
     let want = "OCI2UK-ROOTFS links=3 data=zzz meta=4750:1000:50 sym=/z/data conf={} \
-                root=ramfs";
+                root=ramfs unpacked=yes";
     let mut failures = Vec::new();
     for codec in [Codec::Zstd, Codec::Gzip, Codec::Xz, Codec::Lz4, Codec::None] {
         let initrd = fx.dir.path().join(format!("initrd.{codec}"));
@@ -893,5 +911,181 @@ fn the_kernel_unpacks_every_codec() {
             failures.push(format!("{codec}: expected {want:?} in:\n{console}"));
         }
     }
+
+    // A tree too big for the tmpfs root (half of 192 MiB): the kernel stops unpacking, the
+    // init still starts, and the marker is missing.
+    let mut extras = extras.to_vec();
+    extras.push(Extra::file("/zz/big", vec![0; 120 << 20], 0o644));
+    let initrd = fx.dir.path().join("initrd.big");
+    let file = std::fs::File::create(&initrd).unwrap();
+    write_initramfs(&tree, &extras, &opts(Codec::Zstd), file).unwrap();
+    let out = Command::new("timeout")
+        .args([
+            "240",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-M",
+            "q35",
+            "-m",
+            "192",
+        ])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(&kernel.path)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 rdinit=/.oci2uk/init quiet",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout);
+    let cut_short = console.contains("Initramfs unpacking failed: write error")
+        && console.contains("root=tmpfs unpacked=no");
+    eprintln!(
+        "too big for tmpfs: {}",
+        if cut_short {
+            "cut short, no marker"
+        } else {
+            "FAILED"
+        }
+    );
+    if !cut_short {
+        failures.push(format!("too big for tmpfs: {console}"));
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Size and time of each codec on a real tree: `OCI2UK_ROOTFS_TAR` names a tar of one (as
+/// `oci2uk build IMAGE --format tar` writes it).
+#[test]
+#[ignore = "a timing run: OCI2UK_ROOTFS_TAR=nginx.tar cargo test --lib rootfs::tests::codec_timings -- --ignored --nocapture"]
+fn codec_timings() {
+    let Ok(tar) = std::env::var("OCI2UK_ROOTFS_TAR") else {
+        eprintln!("set OCI2UK_ROOTFS_TAR to a tar of an image's tree");
+        return;
+    };
+    let mut fx = Fixture::new();
+    let data = std::fs::read(tar).unwrap();
+    let l = fx.layer_as(&data, crate::image::Compression::None);
+    let tree = fx.flatten(&[l]).unwrap();
+    let levels: &[(Codec, Option<i32>)] = &[
+        (Codec::None, None),
+        (Codec::Lz4, None),
+        (Codec::Zstd, Some(1)),
+        (Codec::Zstd, None),
+        (Codec::Zstd, Some(6)),
+        (Codec::Zstd, Some(9)),
+        (Codec::Gzip, Some(1)),
+        (Codec::Gzip, None),
+        (Codec::Xz, None),
+    ];
+    // With OCI2UK_VM_TESTS=1, also boots each with the installed kernel under QEMU's software
+    // emulation and prints the guest's uptime when the init starts (the initramfs unpacked),
+    // or how the boot failed.
+    let boot = std::env::var("OCI2UK_VM_TESTS").as_deref() == Ok("1");
+    let kernel = boot.then(|| crate::kernel::discover(None).expect("a kernel"));
+    let extras = match &kernel {
+        Some(_) => vec![
+            Extra::file(
+                "/.oci2uk/busybox",
+                std::fs::read("/bin/busybox").expect("a static /bin/busybox"),
+                0o755,
+            ),
+            Extra::file(
+                INIT_PATH,
+                b"#!/.oci2uk/busybox sh\n/.oci2uk/busybox mount -t proc p /proc\n\
+                  echo UPTIME $(/.oci2uk/busybox cat /proc/uptime)\n\
+                  [ -e /.oci2uk/unpacked ] || echo CUT SHORT\n\
+                  /.oci2uk/busybox poweroff -f\n"
+                    .to_vec(),
+                0o755,
+            ),
+        ],
+        None => Vec::new(),
+    };
+    // OCI2UK_ROOTFS_TMPFS=1 boots onto the default tmpfs root, with the memory it needs.
+    let (rootfs, append) = match std::env::var("OCI2UK_ROOTFS_TMPFS").as_deref() {
+        Ok("1") => (
+            RootfsType::Tmpfs,
+            "console=ttyS0 panic=-1 rdinit=/.oci2uk/init quiet",
+        ),
+        _ => (
+            RootfsType::Ramfs,
+            "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet",
+        ),
+    };
+    // OCI2UK_ROOTFS_MEM=MiB boots with that much memory instead, to probe the formula.
+    let mem = std::env::var("OCI2UK_ROOTFS_MEM").ok();
+    // OCI2UK_ROOTFS_CODEC=NAME runs one codec only.
+    let only = std::env::var("OCI2UK_ROOTFS_CODEC").ok();
+    for &(codec, level) in levels {
+        if only.as_deref().is_some_and(|o| o != codec.name()) {
+            continue;
+        }
+        let o = RootfsOptions {
+            codec,
+            level,
+            source_date_epoch: None,
+        };
+        let start = std::time::Instant::now();
+        let path = fx.dir.path().join("initrd");
+        let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        let s = write_initramfs(&tree, &extras, &o, file).unwrap();
+        eprintln!(
+            "{codec} level {}: {} -> {} bytes in {:.2}s; unpacked {} MiB; needs {} MiB on \
+             ramfs, {} on tmpfs",
+            level.unwrap_or(codec.default_level()),
+            s.cpio_size,
+            s.compressed_size,
+            start.elapsed().as_secs_f64(),
+            s.unpacked_size >> 20,
+            memory_needed(&s, RootfsType::Ramfs),
+            memory_needed(&s, RootfsType::Tmpfs),
+        );
+        if let Some(k) = &kernel {
+            let out = Command::new("timeout")
+                .args([
+                    "300",
+                    "qemu-system-x86_64",
+                    "-accel",
+                    "tcg",
+                    "-M",
+                    "q35",
+                    "-m",
+                ])
+                .arg(mem.clone().unwrap_or(memory_needed(&s, rootfs).to_string()))
+                .args(["-nographic", "-no-reboot", "-kernel"])
+                .arg(&k.path)
+                .arg("-initrd")
+                .arg(&path)
+                .arg("-append")
+                .arg(append)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let console = String::from_utf8_lossy(&out.stdout);
+            let uptime = console
+                .lines()
+                .find_map(|l| l.split_once("UPTIME ").map(|(_, u)| u.trim()))
+                .unwrap_or("(no init output)");
+            if !console.contains("UPTIME") {
+                eprintln!(
+                    "{:?} {}{}",
+                    out.status,
+                    &console[console.len().saturating_sub(3000)..],
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            eprintln!("    guest uptime at init: {uptime}");
+            for l in console
+                .lines()
+                .filter(|l| l.contains("CUT SHORT") || l.contains("nitramfs"))
+            {
+                eprintln!("    {}", l.trim());
+            }
+        }
+    }
 }
