@@ -80,6 +80,7 @@ mod tarstream;
 mod tree;
 
 pub use spool::ContentReader;
+pub use tree::ContentCopyError;
 pub use tree::{Content, Entry, Inode, InodeId, Kind, Tree, MAX_SYMLINKS};
 
 use spool::{CopyError, SpoolWriter};

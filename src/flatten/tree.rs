@@ -493,6 +493,32 @@ impl Tree {
         self.spool.open(content)
     }
 
+    /// Copies a file's contents to `w` through `buf`, checking that exactly `content.len()`
+    /// bytes come from the spool. Reading and writing fail apart, so each output can say
+    /// which side was wrong.
+    pub fn copy_content(
+        &self,
+        content: &Content,
+        w: &mut impl std::io::Write,
+        buf: &mut [u8],
+    ) -> Result<(), ContentCopyError> {
+        use std::io::Read;
+        let mut r = self.open(content);
+        let mut left = content.len();
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = r.read(&mut buf[..want]).map_err(ContentCopyError::Read)?;
+            if n == 0 {
+                return Err(ContentCopyError::Read(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            w.write_all(&buf[..n]).map_err(ContentCopyError::Write)?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
     /// The total size of the regular files, each inode counted once (what the tree needs in
     /// memory as an unpacked root filesystem, metadata aside).
     pub fn content_size(&self) -> u64 {
@@ -507,6 +533,15 @@ impl Tree {
             })
             .sum()
     }
+}
+
+/// Why [`Tree::copy_content`] failed.
+#[derive(Debug)]
+pub enum ContentCopyError {
+    /// Reading the spooled contents failed (or they were short).
+    Read(std::io::Error),
+    /// Writing the output failed.
+    Write(std::io::Error),
 }
 
 #[cfg(test)]

@@ -18,8 +18,9 @@
 //!   options) always gives the same bytes.
 
 use std::collections::HashMap;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 
+use crate::flatten::ContentCopyError;
 use crate::flatten::{Entry, InodeId, Kind, Tree};
 
 /// Errors of writing the tar.
@@ -245,21 +246,14 @@ fn write_entry<W: Write>(
     w.write_all(h.as_bytes())?;
 
     if let (Kind::File(c), tar::EntryType::Regular) = (&inode.kind, typ) {
-        let content_err = |source| TarError::Content {
-            path: String::from_utf8_lossy(e.path).into_owned(),
-            source,
-        };
-        let mut r = tree.open(c);
-        let mut left = c.len();
-        while left > 0 {
-            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            let n = r.read(&mut buf[..want]).map_err(content_err)?;
-            if n == 0 {
-                return Err(content_err(io::ErrorKind::UnexpectedEof.into()));
-            }
-            w.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
+        let path = e.path;
+        tree.copy_content(c, w, buf).map_err(|err| match err {
+            ContentCopyError::Read(source) => TarError::Content {
+                path: String::from_utf8_lossy(path).into_owned(),
+                source,
+            },
+            ContentCopyError::Write(source) => TarError::from(source),
+        })?;
         pad(w, c.len())?;
     }
     Ok(())
@@ -277,6 +271,7 @@ fn pad<W: Write>(w: &mut W, len: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::flatten::testutil::Fixture;
+    use std::io::Read;
 
     fn write(tree: &Tree, epoch: Option<i64>) -> Vec<u8> {
         let mut out = Vec::new();

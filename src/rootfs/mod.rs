@@ -31,10 +31,11 @@ mod codec;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 
 pub use codec::{Codec, UnknownCodec};
 
+use crate::flatten::ContentCopyError;
 use crate::flatten::{Entry, InodeId, Kind, Tree};
 use codec::Encoder;
 
@@ -715,21 +716,13 @@ fn copy_content<W: Write>(
     w: &mut W,
     buf: &mut [u8],
 ) -> Result<(), RootfsError> {
-    let content_err = |source| RootfsError::Content {
-        path: lossy(path),
-        source,
-    };
-    let mut r = tree.open(c);
-    let mut left = c.len();
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = r.read(&mut buf[..want]).map_err(content_err)?;
-        if n == 0 {
-            return Err(content_err(io::ErrorKind::UnexpectedEof.into()));
-        }
-        w.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
+    tree.copy_content(c, w, buf).map_err(|e| match e {
+        ContentCopyError::Read(source) => RootfsError::Content {
+            path: lossy(path),
+            source,
+        },
+        ContentCopyError::Write(source) => RootfsError::from(source),
+    })?;
     Ok(())
 }
 

@@ -282,3 +282,12 @@ pub fn one_vm() -> std::sync::MutexGuard<'static, ()> {
     static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

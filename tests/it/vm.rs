@@ -2,7 +2,7 @@
 //! with nothing but `-kernel FILE` (no `-initrd`, no `-append`), and through `oci2uk run`.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -51,14 +51,6 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// GETs `/` on the forwarded port until it answers 200 or `timeout` passes.
