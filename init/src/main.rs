@@ -75,6 +75,9 @@ fn main() {
     app::power_off(Some(status))
 }
 
+/// The last entry of every initramfs oci2uk writes.
+const UNPACKED_MARKER: &str = "/.oci2uk/unpacked";
+
 fn boot() -> Result<sys::Exit, Error> {
     fs::mount_kernel_filesystems()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -83,6 +86,17 @@ fn boot() -> Result<sys::Exit, Error> {
         .any(|(k, v)| k == "oci2uk.debug" && v.as_deref().is_none_or(|v| v != "0"));
     console::set_debug(debug);
     step(|| "kernel file systems mounted".into());
+
+    // The initramfs ends with this marker: without it, the kernel ran out of memory while
+    // unpacking (it says "Initramfs unpacking failed" and starts the init anyway). No status
+    // line: the application never ran, and the host reports a failure of the VM.
+    if !std::path::Path::new(UNPACKED_MARKER).exists() {
+        console::error(&format!(
+            "the image was cut short while unpacking ({UNPACKED_MARKER} is missing): \
+             the guest needs more memory; give it what `oci2uk build` reported"
+        ));
+        app::power_off(None);
+    }
 
     // Ctrl-alt-del becomes SIGINT to us instead of an immediate reboot, and the kernel's
     // orderly power-off (Xen's shutdown request) runs us to send SIGPWR.
