@@ -341,29 +341,17 @@ impl Job {
             path: self.tmp.display().to_string(),
             source,
         };
-        let (initramfs, len, memory) = self.initramfs(kernel, tree)?;
-        let initrd = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
-        let elf = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
-        {
-            let mut src = io::BufReader::with_capacity(1 << 20, &initramfs);
-            io::copy(&mut src, &mut io::BufWriter::new(initrd.as_file())).map_err(tmp_err)?;
-        }
-        // Bundle files are ordinary files, not the 0600 of a temporary one.
-        for f in [initrd.as_file(), elf.as_file()] {
-            set_default_mode(f).map_err(tmp_err)?;
-        }
+        let (initrd, len, memory) = self.initramfs(kernel, tree)?;
+        // A bundle file is an ordinary file, not the 0600 of a temporary one.
+        set_default_mode(initrd.as_file()).map_err(tmp_err)?;
+        // The baked file goes through a sink, as a single output does, which hashes it.
+        let elf_dir = tempfile::tempdir_in(&self.tmp).map_err(tmp_err)?;
+        let elf = elf_dir.path().join("baked.elf");
+        let mut sink = Sink::open(&Destination::Path(elf.clone())).map_err(tmp_err)?;
         let cmdline = baked_cmdline(memory);
-        let mut src = initrd.reopen().map_err(tmp_err)?;
-        let mut w = io::BufWriter::with_capacity(1 << 20, elf.as_file());
-        bake::bake(kernel, io::BufReader::new(&mut src), len, &cmdline, &mut w)?;
-        w.flush().map_err(tmp_err)?;
-        drop(w);
-        let like: Digest =
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-                .parse()
-                .expect("valid");
-        let (digest, size) =
-            crate::cache::digest_reader(io::BufReader::new(elf.reopen().map_err(tmp_err)?), &like)?;
+        let src = io::BufReader::with_capacity(1 << 20, initrd.reopen().map_err(tmp_err)?);
+        bake::bake(kernel, src, len, &cmdline, &mut sink)?;
+        let (digest, size) = sink.finish().map_err(tmp_err)?;
         let ports = self
             .img
             .config
@@ -378,7 +366,7 @@ impl Job {
             name: self.req.source.name(),
             vmlinux: crate::bundle::Blob::Bytes(kernel.vmlinux()?),
             initrd: crate::bundle::Blob::File(initrd.path()),
-            elf: Some(crate::bundle::Blob::File(elf.path())),
+            elf: Some(crate::bundle::Blob::File(&elf)),
             cmdline,
             memory_mib: memory,
             vcpus: 1,
@@ -394,7 +382,7 @@ impl Job {
         &self,
         kernel: &Kernel,
         tree: &Tree,
-    ) -> Result<(std::fs::File, u64, u64), BuildError> {
+    ) -> Result<(tempfile::NamedTempFile, u64, u64), BuildError> {
         let target = plan::Target {
             machine: kernel.machine,
             name: self.req.source.name(),
@@ -421,7 +409,7 @@ impl Job {
         // The bake must know the initramfs's length before writing it: spool it beside the
         // blobs (same filesystem as the cache, removed when dropped).
         let mut initramfs =
-            tempfile::tempfile_in(&self.tmp).map_err(|source| BuildError::Output {
+            tempfile::NamedTempFile::new_in(&self.tmp).map_err(|source| BuildError::Output {
                 path: self.tmp.display().to_string(),
                 source,
             })?;
