@@ -6,13 +6,15 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use oci2uk::artifact::push::{self, PushOptions};
+use oci2uk::artifact::{fetch, inspect, BakedInfo};
 use oci2uk::build::{self, BuildRequest, Destination, Format};
 use oci2uk::cache::Cache;
 use oci2uk::flatten::FlattenOptions;
 use oci2uk::image::{Platform, ResolveOptions};
 use oci2uk::progress::Progress;
-use oci2uk::reference::Source;
-use oci2uk::registry::RegistryOptions;
+use oci2uk::reference::{ImageRef, Source};
+use oci2uk::registry::{BlobPush, RegistryOptions};
 
 /// Exit status for a failure that was reported.
 const EXIT_FAILURE: u8 = 1;
@@ -39,14 +41,79 @@ struct Cli {
 enum Command {
     /// Pull an image, flatten it and write the output (the default command).
     Build(Box<BuildArgs>),
-    /// Boot a baked file on QEMU: console on stdout, the application's exit status as ours.
+    /// Boot a baked file, a pushed unikernel or an image on QEMU: console on stdout, the
+    /// application's exit status as ours.
     Run(RunArgs),
+    /// Push a baked file or a bundle directory to a registry as an OCI image.
+    Push(PushArgs),
+    /// Show what a baked file or a reference holds, without booting it.
+    Inspect(InspectArgs),
+    /// Kernels in registries.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+}
+
+#[derive(Subcommand)]
+enum KernelCommand {
+    /// Push a kernel image and its modules, for `--kernel REF`.
+    Push(KernelPushArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The baked file (`oci2uk build` writes one) or bundle directory.
+    path: PathBuf,
+
+    /// Where to push: REGISTRY/REPOSITORY[:TAG].
+    reference: String,
+
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A baked file, or an image: a reference or a transport (`oci:DIR`, ...).
+    target: String,
+
+    /// Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args)]
+struct KernelPushArgs {
+    /// The kernel image: a bzImage/vmlinuz or vmlinux.
+    path: PathBuf,
+
+    /// Where to push: REGISTRY/REPOSITORY[:TAG].
+    reference: String,
+
+    /// The kernel's module tree. Default: /lib/modules/VERSION, VERSION read from the kernel.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// The baked kernel file (`oci2uk build IMAGE` writes one).
-    file: PathBuf,
+    /// A baked file (`oci2uk build IMAGE` writes one), a pushed unikernel's reference, or an
+    /// image (built first, and kept in the cache).
+    target: String,
 
     /// Forward a host port to the guest: [IP:]HOST:GUEST[/tcp|/udp]. Repeatable.
     #[arg(short, long = "publish", value_name = "HOST:GUEST")]
@@ -64,6 +131,13 @@ struct RunArgs {
     /// Acceleration: `auto` uses KVM only where it can run guests.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelArg,
+
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    /// Cache directory for blobs and builds. Default: ~/.cache/oci2uk.
+    #[arg(long, value_name = "DIR", env = "OCI2UK_CACHE")]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,10 +187,11 @@ struct BuildArgs {
     #[arg(long, value_name = "BYTES", default_value = "8G", value_parser = build::parse_size)]
     max_size: u64,
 
-    /// The kernel: a bzImage/vmlinuz or vmlinux. Default: $OCI2UK_KERNEL, else the newest
-    /// installed kernel whose modules are present.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
+    /// The kernel: a bzImage/vmlinuz or vmlinux, or the reference of a kernel pushed with
+    /// `oci2uk kernel push` (its modules come with it). Default: $OCI2UK_KERNEL, else the
+    /// newest installed kernel whose modules are present.
+    #[arg(long, value_name = "PATH|REF")]
+    kernel: Option<String>,
 
     /// The kernel's module tree. Default: /lib/modules/VERSION, VERSION read from the kernel.
     #[arg(long, value_name = "DIR")]
@@ -151,6 +226,10 @@ struct BuildArgs {
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
 
+    /// Push the result (`--format elf` or `bundle`) to this reference once it is written.
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+
     #[command(flatten)]
     registry: RegistryArgs,
 
@@ -158,7 +237,7 @@ struct BuildArgs {
     common: CommonArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RegistryArgs {
     /// Registry credentials as USER:PASS (never printed).
     #[arg(
@@ -211,7 +290,18 @@ impl From<RegistryArgs> for RegistryOptions {
 
 /// Inserts `build` when the first argument is not a subcommand, so `oci2uk IMAGE` builds.
 fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const KNOWN: &[&str] = &["build", "run", "help", "-h", "--help", "-V", "--version"];
+    const KNOWN: &[&str] = &[
+        "build",
+        "run",
+        "push",
+        "inspect",
+        "kernel",
+        "help",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+    ];
     match args.get(1).and_then(|a| a.to_str()) {
         Some(first) if KNOWN.contains(&first) => {}
         None => {}
@@ -225,6 +315,9 @@ fn main() -> ExitCode {
     let quiet = match &cli.command {
         Command::Build(b) => b.common.quiet,
         Command::Run(_) => false,
+        Command::Push(p) => p.common.quiet,
+        Command::Inspect(i) => i.common.quiet,
+        Command::Kernel(KernelCommand::Push(k)) => k.common.quiet,
     };
     init_logging(quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -239,6 +332,11 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Command::Push(args) => finish(runtime.block_on(cmd_push(args))),
+        Command::Inspect(args) => finish(runtime.block_on(cmd_inspect(args))),
+        Command::Kernel(KernelCommand::Push(args)) => {
+            finish(runtime.block_on(cmd_kernel_push(args)))
+        }
         Command::Run(args) => match runtime.block_on(cmd_run(args)) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -260,6 +358,13 @@ fn init_logging(quiet: bool) {
         .with_target(false)
         .without_time()
         .init();
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }
 
 /// Prints the error chain on one line and returns the failure status.
@@ -296,40 +401,71 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
             Destination::Path(p)
         }
     });
-    let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.is_empty() => Some(v.parse::<i64>().with_context(|| {
-            format!("invalid SOURCE_DATE_EPOCH {v:?}: expected seconds since 1970")
-        })?),
-        _ => None,
-    };
+    let source_date_epoch = source_date_epoch()?;
     let format = match args.format {
         FormatArg::Elf => Format::Elf,
         FormatArg::Initrd => Format::Initrd,
         FormatArg::Tar => Format::Tar,
         FormatArg::Bundle => Format::Bundle,
     };
+    // A push needs a file (or bundle) to push, found out before any work.
+    let push = match &args.push {
+        Some(r) => {
+            anyhow::ensure!(
+                matches!(format, Format::Elf | Format::Bundle),
+                "--push needs --format elf or bundle: only a baked file can be pushed"
+            );
+            anyhow::ensure!(
+                output != Some(Destination::Stdout),
+                "--push cannot be used with -o -: the pushed file must be written first"
+            );
+            Some(
+                r.parse::<ImageRef>()
+                    .with_context(|| format!("invalid --push {r:?}"))?,
+            )
+        }
+        None => None,
+    };
+    let registry: RegistryOptions = args.registry.into();
+    let cache = Cache::open(args.common.cache.as_deref())?;
+    let progress = Progress::new(!args.common.quiet);
+    let (kernel, modules) =
+        resolve_kernel(args.kernel, args.modules, &registry, &cache, &progress).await?;
     let req = BuildRequest {
         source,
         format,
         output,
         resolve: ResolveOptions {
             platform: Platform::host(),
-            registry: args.registry.into(),
+            registry: registry.clone(),
         },
         platform,
-        kernel: args.kernel,
-        modules: args.modules,
+        kernel,
+        modules,
         overrides,
         flatten: FlattenOptions {
             max_size: args.max_size,
         },
         source_date_epoch,
     };
-    let cache = Cache::open(args.common.cache.as_deref())?;
-    let progress = Progress::new(!args.common.quiet);
     let outcome = build::build(&req, &cache, &progress).await?;
+    let pushed = match &push {
+        Some(r) => {
+            let opts = PushOptions {
+                registry,
+                source_date_epoch,
+            };
+            let path = PathBuf::from(&outcome.output);
+            Some(push::push_path(&path, r, &opts, &cache, &progress).await?)
+        }
+        None => None,
+    };
     if args.common.json {
-        println!("{}", serde_json::to_string(&outcome)?);
+        let mut v = serde_json::to_value(&outcome)?;
+        if let Some(p) = &pushed {
+            v["push"] = serde_json::to_value(p)?;
+        }
+        println!("{v}");
     } else if !args.common.quiet {
         if let Some(k) = &outcome.kernel {
             eprintln!("oci2uk: kernel {k}");
@@ -342,14 +478,262 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
             "oci2uk: wrote {} ({} bytes, sha256:{}{memory}) from {}@{}",
             outcome.output, outcome.size, outcome.sha256, outcome.source, outcome.manifest_digest
         );
+        if let Some(p) = &pushed {
+            report_push(p);
+        }
     }
     Ok(())
 }
 
+/// `SOURCE_DATE_EPOCH`, when set.
+fn source_date_epoch() -> anyhow::Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => Ok(Some(v.parse::<i64>().with_context(|| {
+            format!("invalid SOURCE_DATE_EPOCH {v:?}: expected seconds since 1970")
+        })?)),
+        _ => Ok(None),
+    }
+}
+
+/// A registry reference named by `s`, when `s` is not an existing file and looks like one
+/// (`docker://REF`, or a first component that is a host: `HOST.DOMAIN/...`, `HOST:PORT/...`,
+/// `localhost/...`).
+fn registry_reference(s: &str) -> Option<anyhow::Result<ImageRef>> {
+    if let Some(r) = s.strip_prefix("docker://") {
+        return Some(
+            r.parse()
+                .with_context(|| format!("invalid reference {s:?}")),
+        );
+    }
+    if std::path::Path::new(s).exists() || s.starts_with('/') || s.starts_with('.') {
+        return None;
+    }
+    let (host, _) = s.split_once('/')?;
+    if host.contains('.') || host.contains(':') || host == "localhost" {
+        Some(
+            s.parse()
+                .with_context(|| format!("invalid reference {s:?}")),
+        )
+    } else {
+        None
+    }
+}
+
+/// `--kernel PATH|REF` and `--modules`: a reference is fetched into the cache.
+async fn resolve_kernel(
+    kernel: Option<String>,
+    modules: Option<PathBuf>,
+    registry: &RegistryOptions,
+    cache: &Cache,
+    progress: &Progress,
+) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let Some(k) = kernel else {
+        return Ok((None, modules));
+    };
+    match registry_reference(&k) {
+        None => Ok((Some(PathBuf::from(k)), modules)),
+        Some(r) => {
+            let r = r?;
+            let (image, dir) = fetch::kernel(&r, registry, cache, progress)
+                .await
+                .with_context(|| format!("cannot use --kernel {k}"))?;
+            Ok((Some(image), Some(modules.unwrap_or(dir))))
+        }
+    }
+}
+
+fn report_push(p: &push::PushOutcome) {
+    let count = |how| p.blobs.iter().filter(|b| b.how == how).count();
+    eprintln!(
+        "oci2uk: pushed {}@{} ({} blobs uploaded, {} mounted, {} already there)",
+        p.reference,
+        p.digest,
+        count(BlobPush::Uploaded),
+        count(BlobPush::Mounted),
+        count(BlobPush::Existed)
+    );
+}
+
+async fn cmd_push(args: PushArgs) -> anyhow::Result<()> {
+    let r: ImageRef = args
+        .reference
+        .parse()
+        .with_context(|| format!("invalid reference {:?}", args.reference))?;
+    let cache = Cache::open(args.common.cache.as_deref())?;
+    let progress = Progress::new(!args.common.quiet);
+    let opts = PushOptions {
+        registry: args.registry.into(),
+        source_date_epoch: source_date_epoch()?,
+    };
+    let p = push::push_path(&args.path, &r, &opts, &cache, &progress).await?;
+    if args.common.json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else if !args.common.quiet {
+        report_push(&p);
+    }
+    Ok(())
+}
+
+async fn cmd_kernel_push(args: KernelPushArgs) -> anyhow::Result<()> {
+    let r: ImageRef = args
+        .reference
+        .parse()
+        .with_context(|| format!("invalid reference {:?}", args.reference))?;
+    let cache = Cache::open(args.common.cache.as_deref())?;
+    let progress = Progress::new(!args.common.quiet);
+    let opts = PushOptions {
+        registry: args.registry.into(),
+        source_date_epoch: source_date_epoch()?,
+    };
+    let p = push::push_kernel(
+        &args.path,
+        args.modules.as_deref(),
+        &r,
+        &opts,
+        &cache,
+        &progress,
+    )
+    .await?;
+    if args.common.json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else if !args.common.quiet {
+        report_push(&p);
+    }
+    Ok(())
+}
+
+async fn cmd_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let cache = Cache::open(args.common.cache.as_deref())?;
+    let registry: RegistryOptions = args.registry.into();
+    let platform = match &args.platform {
+        Some(p) => p.parse::<Platform>()?,
+        None => Platform::host(),
+    };
+    let target = &args.target;
+    let report = if std::path::Path::new(target).is_file() {
+        let path = PathBuf::from(target);
+        let info = tokio::task::spawn_blocking(move || BakedInfo::read(&path)).await??;
+        inspect::file(target, &info)
+    } else {
+        let source: Source = target.parse()?;
+        match source {
+            Source::Registry(r) => {
+                let remote = fetch::resolve(&r, &registry, &platform).await?;
+                let config = if remote.resolved.is_unikernel() || remote.resolved.is_kernel() {
+                    None
+                } else {
+                    Some(remote.config(&cache).await?)
+                };
+                inspect::remote(&remote.resolved, config.as_ref())
+            }
+            other => {
+                let opts = ResolveOptions { platform, registry };
+                let img = oci2uk::image::resolve(&other, &opts, &cache, &Progress::hidden())
+                    .await
+                    .with_context(|| format!("cannot get image {target}"))?;
+                inspect::image(&img)
+            }
+        }
+    };
+    if args.common.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", inspect::text(&report));
+    }
+    Ok(())
+}
+
+/// The file `run` boots: the target itself, a pushed unikernel fetched into the cache, or an
+/// image built into the cache (kept by manifest digest and kernel, so the next run boots at
+/// once). The directory returned with it, if any, holds a build that is not kept.
+async fn run_file(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let target = &args.target;
+    if std::path::Path::new(target).is_file() {
+        return Ok((PathBuf::from(target), None));
+    }
+    let source: Source = target
+        .parse()
+        .with_context(|| format!("{target:?} is neither a file nor an image reference"))?;
+    let cache = Cache::open(args.cache.as_deref())?;
+    let progress = Progress::new(true);
+    let registry: RegistryOptions = args.registry.clone().into();
+    let chosen = oci2uk::kernel::discover(None)?;
+    let build_to = |source: Source, out: PathBuf| BuildRequest {
+        source,
+        format: Format::Elf,
+        output: Some(Destination::Path(out)),
+        resolve: ResolveOptions {
+            platform: Platform::host(),
+            registry: registry.clone(),
+        },
+        platform: None,
+        kernel: Some(chosen.path.clone()),
+        modules: None,
+        overrides: Default::default(),
+        flatten: FlattenOptions { max_size: 8 << 30 },
+        source_date_epoch: None,
+    };
+    let Source::Registry(r) = source else {
+        let dir = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(cache.tmp_dir())?;
+        let out = dir.path().join(format!("{}.elf", source.name()));
+        build::build(&build_to(source, out.clone()), &cache, &progress).await?;
+        return Ok((out, Some(dir)));
+    };
+    let platform = Platform {
+        os: "linux".into(),
+        architecture: Platform::host().architecture,
+        variant: None,
+    };
+    let remote = fetch::resolve(&r, &registry, &platform).await?;
+    if remote.resolved.is_unikernel() {
+        return Ok((remote.unikernel(&cache, &progress).await?, None));
+    }
+    let meta = std::fs::metadata(&chosen.path)
+        .with_context(|| format!("cannot read the kernel {}", chosen.path.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut h = oci2uk::cache::Hasher::sha256();
+    h.update(
+        format!(
+            "oci2uk {}\n{}\n{}\n{}\n{mtime}\n",
+            env!("CARGO_PKG_VERSION"),
+            remote.resolved.digest,
+            chosen.path.display(),
+            meta.len()
+        )
+        .as_bytes(),
+    );
+    let key = h.finish();
+    let out = cache
+        .root()
+        .join("builds")
+        .join(format!("{}.elf", key.digest()));
+    if out.is_file() {
+        tracing::info!(path = %out.display(), "built before");
+        return Ok((out, None));
+    }
+    std::fs::create_dir_all(out.parent().expect("a cache path"))?;
+    let pinned = Source::Registry(r.with_digest(remote.resolved.digest.as_ref()));
+    let outcome = build::build(&build_to(pinned, out.clone()), &cache, &progress).await?;
+    eprintln!(
+        "oci2uk: built {}@{} with kernel {}",
+        outcome.source,
+        outcome.manifest_digest,
+        chosen.path.display()
+    );
+    Ok((out, None))
+}
+
 async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
     use oci2uk::run::{self, Accel, RunOptions};
-    let recorded = run::recorded_memory(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let (file, _keep) = run_file(&args).await?;
+    let recorded =
+        run::recorded_memory(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let memory_mib = match (&args.memory, recorded) {
         (Some(m), Some(need)) => {
             let m = parse_memory(m)?;
@@ -358,7 +742,7 @@ async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
             anyhow::ensure!(
                 m >= need,
                 "-m {m} is too small: {} needs {need} MiB of guest memory (recorded when it was built)",
-                args.file.display()
+                args.target
             );
             m
         }
@@ -379,7 +763,7 @@ async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let opts = RunOptions {
-        file: args.file,
+        file,
         ports: args.publish,
         memory_mib,
         env,

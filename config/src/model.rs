@@ -307,6 +307,9 @@ pub struct Oci2uk {
     /// That image's manifest digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_digest: Option<String>,
+    /// When that image was created (its config's `created`, RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_created: Option<String>,
     /// The kernel release the modules belong to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,

@@ -505,6 +505,7 @@ fn plan_with(
             exposed_ports,
             source_image: Some(image.source.clone()),
             source_digest: Some(image.manifest_digest.to_string()),
+            source_created: image.config.created().clone(),
             ..Oci2uk::default()
         },
     };

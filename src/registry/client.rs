@@ -12,6 +12,10 @@
 //!   whole blob instead restarts it. A blob that fails verification is fetched once more from
 //!   scratch before giving up.
 
+mod upload;
+
+pub use upload::BlobPush;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
@@ -25,7 +29,7 @@ use reqwest::{Method, Response, StatusCode, Url};
 use super::auth::{self, Challenge, Token};
 use super::credentials::{self, Credentials, Secret};
 use super::retry::{self, Policy};
-use super::transport::{self, BoundAuth, ReadError, SendError, Transport};
+use super::transport::{self, BoundAuth, Payload, ReadError, SendError, Transport};
 use super::{Cause, RegistryError, RegistryOptions};
 use crate::cache::{BlobWriter, Cache, CacheError, Hasher};
 use crate::image::select::MANIFEST_ACCEPT;
@@ -149,8 +153,18 @@ pub(crate) struct Fetched {
     pub digest: Digest,
 }
 
+/// What a session may do, for the token scopes it asks for.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Access {
+    /// Push as well as pull.
+    pub push: bool,
+    /// Other repositories of the registry that blobs may be mounted from.
+    pub mount_from: Vec<String>,
+}
+
 /// One repository on one registry.
 pub(crate) struct Session {
+    access: Access,
     transport: Transport,
     policy: Policy,
     opts: RegistryOptions,
@@ -166,11 +180,22 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Pings the registry's API root, settling the scheme and authenticating if it asks.
+    /// Pings the registry's API root, settling the scheme and authenticating (for pulls) if
+    /// it asks.
     pub async fn connect(
         r: &ImageRef,
         opts: &RegistryOptions,
         tuning: &Tuning,
+    ) -> Result<Self, RegistryError> {
+        Self::connect_for(r, opts, tuning, Access::default()).await
+    }
+
+    /// [`Session::connect`] for the given access.
+    pub async fn connect_for(
+        r: &ImageRef,
+        opts: &RegistryOptions,
+        tuning: &Tuning,
+        access: Access,
     ) -> Result<Self, RegistryError> {
         let transport = Transport::new(opts)?;
         let registry = r.registry().to_string();
@@ -203,13 +228,25 @@ impl Session {
         let challenges = loop {
             let url = root(scheme)?;
             let mut result = transport
-                .send(Method::GET, url.clone(), &HeaderMap::new(), None, None)
+                .send(
+                    Method::GET,
+                    url.clone(),
+                    &HeaderMap::new(),
+                    None,
+                    Payload::Empty,
+                )
                 .await;
             if let Err(SendError::Http(_)) = &result {
                 if scheme == "https" && may_fall_back && !tried_http {
                     tried_http = true;
                     let plain = transport
-                        .send(Method::GET, root("http")?, &HeaderMap::new(), None, None)
+                        .send(
+                            Method::GET,
+                            root("http")?,
+                            &HeaderMap::new(),
+                            None,
+                            Payload::Empty,
+                        )
                         .await;
                     if let Ok(resp) = plain {
                         if answers_as_registry(&resp) {
@@ -267,6 +304,7 @@ impl Session {
         let base = format!("{scheme}://{endpoint}");
         let origin = root(scheme)?.origin().ascii_serialization();
         let session = Self {
+            access,
             transport,
             policy: tuning.policy.clone(),
             opts: opts.clone(),
@@ -299,9 +337,23 @@ impl Session {
         }
     }
 
-    /// The pull scope this session asks tokens for.
-    fn scope(&self) -> String {
-        format!("repository:{}:pull", self.repository)
+    /// The scopes this session asks tokens for: pull (and push) on its repository, and pull
+    /// on the repositories blobs may be mounted from.
+    fn scopes(&self) -> Vec<String> {
+        let actions = if self.access.push {
+            "pull,push"
+        } else {
+            "pull"
+        };
+        let mut scopes = vec![format!("repository:{}:{actions}", self.repository)];
+        scopes.extend(
+            self.access
+                .mount_from
+                .iter()
+                .filter(|r| **r != self.repository)
+                .map(|r| format!("repository:{r}:pull")),
+        );
+        scopes
     }
 
     async fn credentials(&self) -> Result<Option<&Credentials>, RegistryError> {
@@ -354,10 +406,11 @@ impl Session {
             Challenge::Basic => None,
         });
         if let Some((realm, service, scope)) = bearer {
-            let ours = self.scope();
             // Ours, and the one the registry named if it differs (docker asks for both).
-            let mut scopes = vec![ours.clone()];
-            scopes.extend(scope.iter().filter(|s| **s != ours).cloned());
+            let mut scopes = self.scopes();
+            if let Some(named) = scope.as_ref().filter(|s| !scopes.contains(s)) {
+                scopes.push(named.clone());
+            }
             let token = self
                 .fetch_token(realm, service.as_deref(), &scopes, creds, &how)
                 .await?;
@@ -468,7 +521,11 @@ impl Session {
                     url.clone(),
                     &HeaderMap::new(),
                     bound.as_ref(),
-                    (!form.is_empty()).then_some(form.as_slice()),
+                    if form.is_empty() {
+                        Payload::Empty
+                    } else {
+                        Payload::Form(form.as_slice())
+                    },
                 )
                 .await;
             let failure = match sent {
@@ -524,11 +581,27 @@ impl Session {
     /// One GET on the registry (redirects followed), renewing the authorization once if the
     /// registry answers `401`.
     async fn get(&self, path: &str, headers: &HeaderMap) -> Result<Response, Failure> {
-        let url = Url::parse(&format!("{}{path}", self.base)).map_err(|_| {
-            RegistryError::InvalidEndpoint {
-                registry: self.registry.clone(),
-            }
-        })?;
+        let url = self.url(path)?;
+        self.request(Method::GET, url, path, headers, None).await
+    }
+
+    /// The URL of `path` (which may carry a query) on the registry's API.
+    pub(crate) fn url(&self, path: &str) -> Result<Url, RegistryError> {
+        Url::parse(&format!("{}{path}", self.base)).map_err(|_| RegistryError::InvalidEndpoint {
+            registry: self.registry.clone(),
+        })
+    }
+
+    /// One request to the registry, renewing the authorization once if the registry answers
+    /// `401`. `path` names the request in errors (no query: upload locations carry state).
+    pub(crate) async fn request(
+        &self,
+        method: Method,
+        url: Url,
+        path: &str,
+        headers: &HeaderMap,
+        body: Option<bytes::Bytes>,
+    ) -> Result<Response, Failure> {
         let mut renewed = false;
         loop {
             let (generation, header) = self.current_auth().await;
@@ -536,9 +609,19 @@ impl Session {
                 origin: &self.origin,
                 value,
             });
+            let payload = match &body {
+                Some(b) => Payload::Bytes(b.clone()),
+                None => Payload::Empty,
+            };
             let resp = self
                 .transport
-                .send(Method::GET, url.clone(), headers, bound.as_ref(), None)
+                .send(
+                    method.clone(),
+                    url.clone(),
+                    headers,
+                    bound.as_ref(),
+                    payload,
+                )
                 .await
                 .map_err(|e| match e {
                     SendError::Http(e) => Failure::retry(Cause::Http(e)),
@@ -548,7 +631,7 @@ impl Session {
                         reason,
                     }),
                 })?;
-            tracing::debug!(registry = %self.registry, path, status = resp.status().as_u16(), "GET");
+            tracing::debug!(registry = %self.registry, %method, path, status = resp.status().as_u16(), "request");
             if resp.status() == StatusCode::UNAUTHORIZED
                 && !renewed
                 && resp.url().origin().ascii_serialization() == self.origin

@@ -43,6 +43,7 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
+pub use client::BlobPush;
 use client::{Session, Tuning};
 
 /// How many blobs are downloaded at once.

@@ -50,6 +50,16 @@ pub(crate) enum ReadError {
     Http(reqwest::Error),
 }
 
+/// What a request carries.
+pub(crate) enum Payload<'a> {
+    /// Nothing.
+    Empty,
+    /// An `application/x-www-form-urlencoded` form (token requests).
+    Form(&'a [(&'a str, &'a str)]),
+    /// Bytes as they are (blob chunks, manifests), with their `Content-Length`.
+    Bytes(bytes::Bytes),
+}
+
 /// The HTTP clients for one run.
 pub(crate) struct Transport {
     remote: reqwest::Client,
@@ -105,15 +115,15 @@ impl Transport {
         self.insecure || url.host_str().is_some_and(is_loopback_host)
     }
 
-    /// Sends a request, following GET redirects by hand (bounded). `auth` is attached only
-    /// while the URL is on its origin.
+    /// Sends a request, following GET and HEAD redirects by hand (bounded). `auth` is attached
+    /// only while the URL is on its origin.
     pub async fn send(
         &self,
         method: Method,
         url: Url,
         headers: &HeaderMap,
         auth: Option<&BoundAuth<'_>>,
-        form: Option<&[(&str, &str)]>,
+        payload: Payload<'_>,
     ) -> Result<Response, SendError> {
         let mut url = url;
         for _ in 0..=MAX_REDIRECTS {
@@ -138,14 +148,17 @@ impl Transport {
                     req = req.header(AUTHORIZATION, a.value.clone());
                 }
             }
-            if let Some(f) = form {
-                req = req.form(f);
+            match &payload {
+                Payload::Empty => {}
+                Payload::Form(f) => req = req.form(f),
+                Payload::Bytes(b) => req = req.body(b.clone()),
             }
             let resp = req
                 .send()
                 .await
                 .map_err(|e| SendError::Http(e.without_url()))?;
-            if method != Method::GET || !resp.status().is_redirection() {
+            let follows = method == Method::GET || method == Method::HEAD;
+            if !follows || !resp.status().is_redirection() {
                 return Ok(resp);
             }
             let Some(location) = resp.headers().get(LOCATION) else {
