@@ -6,10 +6,11 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use oci_spec::image::Digest;
 
-use crate::cache::{Cache, Hasher};
+use crate::cache::{Cache, Hasher, RootfsEntry};
 use crate::flatten::{self, FlattenOptions, Tree};
 use crate::image::{self, Image, Platform, ResolveOptions};
 use crate::kernel::{self, Kernel};
@@ -168,6 +169,11 @@ pub enum BuildError {
     /// The bundle could not be written.
     #[error(transparent)]
     Bundle(#[from] crate::bundle::BundleError),
+    /// `$OCI2UK_TSC_KHZ` is not a frequency.
+    #[error(
+        "invalid OCI2UK_TSC_KHZ {0:?}: expected the TSC frequency in kHz (100000 to 100000000)"
+    )]
+    TscKhz(String),
 }
 
 /// Runs a build.
@@ -198,8 +204,13 @@ pub async fn build(
             if req.format == Format::Elf {
                 k.pvh_entry()?;
             }
-            Some((chosen, k))
+            // One copy of the kernel (its vmlinux is tens of MiB), shared with the build task.
+            Some((chosen, Arc::new(k)))
         }
+    };
+    let tsc_khz = match kernel {
+        Some(_) => tsc_khz()?,
+        None => 0,
     };
     // A bundle is a directory, written whole by the bundle stage; the other formats stream
     // into one file.
@@ -249,9 +260,11 @@ pub async fn build(
     let job = Job {
         req: req.clone(),
         img: img.clone(),
-        kernel: kernel.as_ref().map(|(_, k)| k.clone()),
+        kernel: kernel.as_ref().map(|(_, k)| Arc::clone(k)),
         spool: spool.path().to_path_buf(),
         tmp: cache.tmp_dir(),
+        cache: cache.clone(),
+        tsc_khz,
         dest_name: dest.display(),
         progress: progress.clone(),
     };
@@ -278,16 +291,62 @@ pub async fn build(
 struct Job {
     req: BuildRequest,
     img: Image,
-    kernel: Option<Kernel>,
+    kernel: Option<Arc<Kernel>>,
     spool: PathBuf,
     tmp: PathBuf,
+    cache: Cache,
+    /// The TSC frequency to bake, in kHz.
+    tsc_khz: u64,
     dest_name: String,
     progress: Progress,
 }
 
+/// An initramfs ready to bake: a verified blob of the cache, its length and the guest memory
+/// the image needs.
+struct Initramfs {
+    path: PathBuf,
+    len: u64,
+    memory_mib: u64,
+}
+
 impl Job {
     fn run(self, sink: Option<Sink>) -> Result<(Digest, u64, Option<u64>), BuildError> {
-        let tree = flatten::flatten(
+        let out_err = |source: io::Error| BuildError::Output {
+            path: self.dest_name.clone(),
+            source,
+        };
+        let Some(kernel) = self.kernel.clone() else {
+            let mut sink = sink.expect("a tar has a sink");
+            let tree = self.flatten()?;
+            let opts = output::tar::TarOptions {
+                source_date_epoch: self.req.source_date_epoch,
+            };
+            output::tar::write_tar_with(&tree, &mut sink, &opts)
+                .map_err(|e| out_err(io::Error::other(e)))?;
+            let (digest, size) = sink.finish().map_err(out_err)?;
+            return Ok((digest, size, None));
+        };
+        let initramfs = self.initramfs(&kernel)?;
+        let Some(mut sink) = sink else {
+            return self.bundle(&kernel, &initramfs);
+        };
+        let file = std::fs::File::open(&initramfs.path).map_err(|source| BuildError::Output {
+            path: initramfs.path.display().to_string(),
+            source,
+        })?;
+        let mut reader = io::BufReader::with_capacity(1 << 20, file);
+        if self.req.format == Format::Initrd {
+            io::copy(&mut reader, &mut sink).map_err(&out_err)?;
+        } else {
+            let cmdline = baked_cmdline(initramfs.memory_mib, self.tsc_khz);
+            bake::bake(&kernel, reader, initramfs.len, &cmdline, &mut sink)?;
+        }
+        let (digest, size) = sink.finish().map_err(out_err)?;
+        Ok((digest, size, Some(initramfs.memory_mib)))
+    }
+
+    fn flatten(&self) -> Result<Tree, BuildError> {
+        flatten::flatten(
             &self.img.layers,
             &self.req.flatten,
             &self.spool,
@@ -296,38 +355,7 @@ impl Job {
         .map_err(|source| BuildError::Flatten {
             source_name: self.req.source.to_string(),
             source,
-        })?;
-        let out_err = |source: io::Error| BuildError::Output {
-            path: self.dest_name.clone(),
-            source,
-        };
-        let Some(mut sink) = sink else {
-            let kernel = self.kernel.as_ref().expect("a bundle has a kernel");
-            return self.bundle(kernel, &tree);
-        };
-        let memory = match &self.kernel {
-            None => {
-                let opts = output::tar::TarOptions {
-                    source_date_epoch: self.req.source_date_epoch,
-                };
-                output::tar::write_tar_with(&tree, &mut sink, &opts)
-                    .map_err(|e| out_err(io::Error::other(e)))?;
-                None
-            }
-            Some(kernel) => {
-                let (initramfs, len, memory) = self.initramfs(kernel, &tree)?;
-                let reader = io::BufReader::with_capacity(1 << 20, initramfs);
-                if self.req.format == Format::Initrd {
-                    let mut reader = reader;
-                    io::copy(&mut reader, &mut sink).map_err(&out_err)?;
-                } else {
-                    bake::bake(kernel, reader, len, &baked_cmdline(memory), &mut sink)?;
-                }
-                Some(memory)
-            }
-        };
-        let (digest, size) = sink.finish().map_err(out_err)?;
-        Ok((digest, size, memory))
+        })
     }
 
     /// Writes the bundle directory: vmlinux, initrd, the baked file, command line and launch
@@ -335,22 +363,20 @@ impl Job {
     fn bundle(
         &self,
         kernel: &Kernel,
-        tree: &Tree,
+        initramfs: &Initramfs,
     ) -> Result<(Digest, u64, Option<u64>), BuildError> {
         let tmp_err = |source: io::Error| BuildError::Output {
             path: self.tmp.display().to_string(),
             source,
         };
-        let (initrd, len, memory) = self.initramfs(kernel, tree)?;
-        // A bundle file is an ordinary file, not the 0600 of a temporary one.
-        set_default_mode(initrd.as_file()).map_err(tmp_err)?;
         // The baked file goes through a sink, as a single output does, which hashes it.
         let elf_dir = tempfile::tempdir_in(&self.tmp).map_err(tmp_err)?;
         let elf = elf_dir.path().join("baked.elf");
         let mut sink = Sink::open(&Destination::Path(elf.clone())).map_err(tmp_err)?;
-        let cmdline = baked_cmdline(memory);
-        let src = io::BufReader::with_capacity(1 << 20, initrd.reopen().map_err(tmp_err)?);
-        bake::bake(kernel, src, len, &cmdline, &mut sink)?;
+        let cmdline = baked_cmdline(initramfs.memory_mib, self.tsc_khz);
+        let file = std::fs::File::open(&initramfs.path).map_err(tmp_err)?;
+        let src = io::BufReader::with_capacity(1 << 20, file);
+        bake::bake(kernel, src, initramfs.len, &cmdline, &mut sink)?;
         let (digest, size) = sink.finish().map_err(tmp_err)?;
         let ports = self
             .img
@@ -365,96 +391,259 @@ impl Job {
         let parts = crate::bundle::BundleParts {
             name: self.req.source.name(),
             vmlinux: crate::bundle::Blob::Bytes(kernel.vmlinux()?),
-            initrd: crate::bundle::Blob::File(initrd.path()),
+            initrd: crate::bundle::Blob::File(&initramfs.path),
             elf: Some(crate::bundle::Blob::File(&elf)),
             cmdline,
-            memory_mib: memory,
+            memory_mib: initramfs.memory_mib,
             vcpus: 1,
             ports,
         };
         crate::bundle::write_bundle(Path::new(&self.dest_name), &parts)?;
-        Ok((digest, size, Some(memory)))
+        Ok((digest, size, Some(initramfs.memory_mib)))
     }
 
-    /// Plans the launch configuration and writes the initramfs to a temporary file; returns
-    /// it (rewound), its length and the guest memory the image needs.
-    fn initramfs(
-        &self,
-        kernel: &Kernel,
-        tree: &Tree,
-    ) -> Result<(tempfile::NamedTempFile, u64, u64), BuildError> {
-        let target = plan::Target {
-            machine: kernel.machine,
-            name: self.req.source.name(),
-        };
-        let mut config = plan::plan(&self.img, tree, &self.req.overrides, &target)?;
+    /// The initramfs of this image, kernel and options: from the cache when an earlier build
+    /// made it (no flattening then), else flattened, planned, written into the cache and
+    /// recorded under its key.
+    fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         let modules = kernel.modules(self.req.modules.as_deref())?;
         let needed = modules
             .closure(GUEST_MODULES)
             .map_err(BuildError::Modules)?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
+        let mut module_paths = Vec::new();
         for m in &needed {
             let ko = modules.read(m).map_err(BuildError::Modules)?;
             extras.push(rootfs::Extra::module(&m.name, ko));
-            config.oci2uk.modules.push(rootfs::module_path(&m.name));
+            module_paths.push(rootfs::module_path(&m.name));
         }
-        config.oci2uk.kernel = Some(kernel.version.clone());
-        extras.push(rootfs::Extra::config(config.to_json().into_bytes()));
-
         let opts = rootfs::RootfsOptions {
             codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
             level: None,
             source_date_epoch: self.req.source_date_epoch,
         };
-        // The bake must know the initramfs's length before writing it: spool it beside the
-        // blobs (same filesystem as the cache, removed when dropped).
-        let mut initramfs =
-            tempfile::NamedTempFile::new_in(&self.tmp).map_err(|source| BuildError::Output {
-                path: self.tmp.display().to_string(),
-                source,
-            })?;
-        let stats = rootfs::write_initramfs(
-            tree,
-            &extras,
-            &opts,
-            io::BufWriter::with_capacity(1 << 20, &mut initramfs),
-        )?;
-        let memory = rootfs::memory_needed(&stats, rootfs::RootfsType::from_cmdline(BAKED_CMDLINE));
-        use std::io::Seek;
-        initramfs
-            .seek(io::SeekFrom::Start(0))
-            .map_err(|source| BuildError::Output {
-                path: self.tmp.display().to_string(),
-                source,
-            })?;
-        Ok((initramfs, stats.compressed_size, memory))
+        let key = self.rootfs_key(kernel, &extras, &opts);
+        if let Some(key) = &key {
+            if let Some((entry, path)) = self.cache.get_rootfs(key)? {
+                tracing::debug!(%key, initramfs = %entry.initramfs, "the initramfs is in the cache");
+                return Ok(Initramfs {
+                    path,
+                    len: entry.size,
+                    memory_mib: entry.memory_mib,
+                });
+            }
+        }
+
+        let tree = self.flatten()?;
+        let target = plan::Target {
+            machine: kernel.machine,
+            name: self.req.source.name(),
+        };
+        let mut config = plan::plan(&self.img, &tree, &self.req.overrides, &target)?;
+        config.oci2uk.modules.extend(module_paths);
+        config.oci2uk.kernel = Some(kernel.version.clone());
+        extras.push(rootfs::Extra::config(config.to_json().into_bytes()));
+
+        // Written beside the blobs (same filesystem), then moved into the cache under its
+        // digest: the bake must know the length before it writes, and a later build with the
+        // same key starts from here.
+        let tmp_err = |source: io::Error| BuildError::Output {
+            path: self.tmp.display().to_string(),
+            source,
+        };
+        let mut file = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
+        let mut hashed = HashingWriter {
+            inner: file.as_file_mut(),
+            hasher: Hasher::sha256(),
+        };
+        let stats = rootfs::write_initramfs(&tree, &extras, &opts, &mut hashed)?;
+        let digest = hashed.hasher.finish();
+        drop(tree);
+        let memory_mib =
+            rootfs::memory_needed(&stats, rootfs::RootfsType::from_cmdline(BAKED_CMDLINE));
+        // A bundle copies this file as its initrd: an ordinary file, not a temporary's 0600.
+        set_default_mode(file.as_file()).map_err(tmp_err)?;
+        let entry = RootfsEntry {
+            initramfs: digest.to_string(),
+            size: stats.compressed_size,
+            memory_mib,
+        };
+        let path = self
+            .cache
+            .put_rootfs(key.as_deref(), file, &digest, &entry)?;
+        Ok(Initramfs {
+            path,
+            len: stats.compressed_size,
+            memory_mib,
+        })
+    }
+
+    /// The key of the initramfs in the cache: a digest of everything its bytes depend on
+    /// besides the layers' contents, which the manifest digest pins. That is the image
+    /// (manifest, config and layer digests) and its name (the default host name), the kernel
+    /// file, the init and the modules (by their bytes), the codec, `SOURCE_DATE_EPOCH`, the
+    /// size cap, every launch override (with the host's values of `--env K` resolved as the
+    /// plan resolves them), and the oci2uk binary itself, so that a changed planner or
+    /// writer never reuses an older initramfs. None when the binary cannot be read (no
+    /// caching then).
+    fn rootfs_key(
+        &self,
+        kernel: &Kernel,
+        extras: &[rootfs::Extra],
+        opts: &rootfs::RootfsOptions,
+    ) -> Option<String> {
+        let exe = exe_digest()?;
+        let mut k = String::from("oci2uk initramfs key 1\n");
+        let mut line = |name: &str, value: &dyn std::fmt::Debug| {
+            k.push_str(&format!("{name} {value:?}\n"));
+        };
+        line("exe", &exe);
+        line("manifest", &self.img.manifest_digest.to_string());
+        line("config", &self.img.config_digest.to_string());
+        for l in &self.img.layers {
+            line("layer", &(l.digest.to_string(), l.diff_id.to_string()));
+        }
+        line("name", &self.req.source.name());
+        line("kernel", &sha256_hex(&kernel.image));
+        line("kernel-version", &kernel.version);
+        line("machine", &kernel.machine);
+        for x in extras {
+            let kind = match &x.kind {
+                rootfs::ExtraKind::File(data) => format!("file {}", sha256_hex(data)),
+                other => format!("{other:?}"),
+            };
+            line("extra", &(&x.path, x.mode, x.uid, x.gid, kind));
+        }
+        line("codec", &(opts.codec, opts.level));
+        line("source-date-epoch", &opts.source_date_epoch);
+        line("max-size", &self.req.flatten.max_size);
+        line("cmdline", &BAKED_CMDLINE);
+        let o = &self.req.overrides;
+        for e in &o.env {
+            match e.split_once('=') {
+                Some(_) => line("env", e),
+                None => line("env-host", &(e, std::env::var_os(e))),
+            }
+        }
+        line("entrypoint", &o.entrypoint);
+        line("cmd", &o.cmd);
+        line("workdir", &o.workdir);
+        line("user", &o.user);
+        line("net", &o.net);
+        line("hostname", &o.hostname);
+        Some(sha256_hex(k.as_bytes()))
     }
 }
 
-/// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.
-fn baked_cmdline(memory_mib: u64) -> String {
-    format!(
-        "{BAKED_CMDLINE} tsc_early_khz={} oci2uk.memory={memory_mib}M",
-        tsc_khz()
-    )
+/// Hashes what passes through to a writer.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
 }
 
-/// The TSC frequency to bake, in kHz: this machine's. A guest without a reference timer to
-/// calibrate its TSC against (QEMU's microvm under TCG has neither PIT speaker gate, HPET nor
-/// ACPI PM timer) hangs at boot without it; where the hypervisor offers a paravirtual clock
-/// (KVM), that clock is the guest's clocksource and this value only seeds delay loops.
-fn tsc_khz() -> u64 {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .and_then(|l| l.split(':').nth(1))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .map(|mhz| (mhz * 1000.0) as u64)
-        .filter(|khz| *khz > 100_000)
-        .unwrap_or(2_000_000)
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let mut h = Hasher::sha256();
+    h.update(data);
+    h.finish().digest().to_string()
+}
+
+/// sha256 of the running binary, computed once: part of every initramfs key.
+fn exe_digest() -> Option<String> {
+    static EXE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let path = std::env::current_exe().ok()?;
+        let file = std::fs::File::open(path).ok()?;
+        let like: Digest =
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .parse()
+                .expect("a valid digest");
+        let (d, _) = crate::cache::digest_reader(io::BufReader::new(file), &like).ok()?;
+        Some(d.digest().to_string())
+    })
+    .clone()
+}
+
+/// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.
+fn baked_cmdline(memory_mib: u64, tsc_khz: u64) -> String {
+    format!("{BAKED_CMDLINE} tsc_early_khz={tsc_khz} oci2uk.memory={memory_mib}M")
+}
+
+/// The variable that sets the baked TSC frequency, in kHz.
+pub const TSC_KHZ_ENV: &str = "OCI2UK_TSC_KHZ";
+
+/// The TSC frequency to bake, in kHz. A guest without a reference timer to calibrate its TSC
+/// against (QEMU's microvm under TCG has neither PIT speaker gate, HPET nor ACPI PM timer)
+/// hangs at boot without it; where the hypervisor offers a paravirtual clock (KVM), that
+/// clock is the guest's clocksource and this value only seeds delay loops. The value is part
+/// of the output's bytes, so it comes from the steadiest source there is: `$OCI2UK_TSC_KHZ`,
+/// else the kernel's own measure (`tsc_freq_khz` in sysfs, where the kernel exports it), else
+/// the nominal frequency in the CPU's model name (`... @ 2.40GHz`), else `cpu MHz` rounded to
+/// whole MHz (it moves with frequency scaling), else 2 GHz.
+fn tsc_khz() -> Result<u64, BuildError> {
+    let env = std::env::var(TSC_KHZ_ENV).ok();
+    let sysfs = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz").ok();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
+    tsc_khz_from(env.as_deref(), sysfs.as_deref(), cpuinfo.as_deref())
+}
+
+/// Plausible TSC frequencies, in kHz (100 MHz to 100 GHz).
+const TSC_KHZ_RANGE: std::ops::RangeInclusive<u64> = 100_000..=100_000_000;
+
+fn tsc_khz_from(
+    env: Option<&str>,
+    sysfs: Option<&str>,
+    cpuinfo: Option<&str>,
+) -> Result<u64, BuildError> {
+    if let Some(v) = env.map(str::trim).filter(|v| !v.is_empty()) {
+        return v
+            .parse::<u64>()
+            .ok()
+            .filter(|k| TSC_KHZ_RANGE.contains(k))
+            .ok_or_else(|| BuildError::TscKhz(v.to_string()));
+    }
+    let plausible = |k: &u64| TSC_KHZ_RANGE.contains(k);
+    if let Some(k) = sysfs
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(plausible)
+    {
+        return Ok(k);
+    }
+    let field = |name: &str| {
+        cpuinfo?
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let nominal = field("model name").and_then(|m| {
+        let (_, f) = m.rsplit_once('@')?;
+        let f = f.trim();
+        let (num, scale) = match f.strip_suffix("GHz") {
+            Some(n) => (n, 1_000_000.0),
+            None => (f.strip_suffix("MHz")?, 1_000.0),
+        };
+        let v: f64 = num.trim().parse().ok()?;
+        Some((v * scale).round() as u64)
+    });
+    if let Some(k) = nominal.filter(plausible) {
+        return Ok(k);
+    }
+    let current = field("cpu MHz")
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|mhz| mhz.round() as u64 * 1000);
+    Ok(current.filter(plausible).unwrap_or(2_000_000))
 }
 
 impl Destination {
@@ -467,7 +656,8 @@ impl Destination {
 }
 
 /// An output being written: a temporary file beside the destination (renamed into place by
-/// [`Sink::finish`], removed if dropped) or standard output; hashes what passes through.
+/// [`Sink::finish`], removed if dropped) or standard output; hashes what passes through. A
+/// file is written by a thread of its own, so that hashing and writing the output overlap.
 struct Sink {
     inner: SinkInner,
     hasher: Hasher,
@@ -475,11 +665,87 @@ struct Sink {
 }
 
 enum SinkInner {
-    File {
-        file: io::BufWriter<tempfile::NamedTempFile>,
-        dest: PathBuf,
-    },
+    File { file: FileWriter, dest: PathBuf },
     Stdout(io::BufWriter<io::Stdout>),
+}
+
+/// Output chunk handed to the writing thread.
+const SINK_CHUNK: usize = 1 << 20;
+/// Chunks queued for the writing thread.
+const SINK_QUEUE: usize = 4;
+
+/// Writes a temporary file on a thread: chunks go to it through a bounded queue.
+struct FileWriter {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<tempfile::NamedTempFile>>>,
+}
+
+impl FileWriter {
+    fn new(mut file: tempfile::NamedTempFile) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SINK_QUEUE);
+        let thread = std::thread::spawn(move || {
+            for chunk in rx {
+                file.write_all(&chunk)?;
+            }
+            Ok(file)
+        });
+        Self {
+            buf: Vec::with_capacity(SINK_CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// The writing thread's result: the file, or why it stopped.
+    fn join(&mut self) -> io::Result<tempfile::NamedTempFile> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t.join().expect("the writing thread does not panic"),
+            None => Err(io::Error::other("the output was already closed")),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_CHUNK));
+        let sent = self.tx.as_ref().map(|tx| tx.send(chunk));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped on an error: that error is the answer.
+            _ => Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the output was closed"))),
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(SINK_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == SINK_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn finish(mut self) -> io::Result<tempfile::NamedTempFile> {
+        self.send()?;
+        self.join()
+    }
+}
+
+impl Drop for FileWriter {
+    /// An abandoned output: the thread ends and its temporary file is removed before this
+    /// returns.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Sink {
@@ -501,7 +767,7 @@ impl Sink {
                     .prefix(".oci2uk-")
                     .tempfile_in(dir)?;
                 SinkInner::File {
-                    file: io::BufWriter::with_capacity(1 << 20, file),
+                    file: FileWriter::new(file),
                     dest: p.clone(),
                 }
             }
@@ -517,7 +783,7 @@ impl Sink {
         match self.inner {
             SinkInner::Stdout(mut w) => w.flush()?,
             SinkInner::File { file, dest } => {
-                let tmp = file.into_inner().map_err(|e| e.into_error())?;
+                let tmp = file.finish()?;
                 tmp.as_file().sync_all()?;
                 // Outputs are ordinary files: 0644 less the umask, not the 0600 of a temp file.
                 set_default_mode(tmp.as_file())?;
@@ -546,7 +812,8 @@ impl Write for Sink {
 
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.inner {
-            SinkInner::File { file, .. } => file.flush(),
+            // Chunks reach the file as they fill; finish() writes the rest.
+            SinkInner::File { .. } => Ok(()),
             SinkInner::Stdout(w) => w.flush(),
         }
     }
@@ -592,6 +859,33 @@ mod tests {
         assert!(parse_size("99999999999999T")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn tsc_frequency_sources() {
+        let epyc = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2445.424\n";
+        let xeon =
+            "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\ncpu MHz\t\t: 1197.621\n";
+        assert_eq!(tsc_khz_from(None, None, Some(epyc)).unwrap(), 2_445_000);
+        assert_eq!(tsc_khz_from(None, None, Some(xeon)).unwrap(), 2_400_000);
+        assert_eq!(
+            tsc_khz_from(None, Some("2593906\n"), Some(xeon)).unwrap(),
+            2_593_906
+        );
+        assert_eq!(
+            tsc_khz_from(Some(" 3000000 "), Some("2593906"), Some(xeon)).unwrap(),
+            3_000_000
+        );
+        assert_eq!(tsc_khz_from(None, Some("0"), None).unwrap(), 2_000_000);
+        assert_eq!(tsc_khz_from(Some(""), None, None).unwrap(), 2_000_000);
+        assert!(matches!(
+            tsc_khz_from(Some("2.4GHz"), None, None),
+            Err(BuildError::TscKhz(_))
+        ));
+        assert!(tsc_khz_from(Some("5"), None, None).is_err());
+        // Frequency scaling moves the fraction, not the rounded MHz.
+        let wobble = "model name\t: AMD EPYC\ncpu MHz\t\t: 2444.9\n";
+        assert_eq!(tsc_khz_from(None, None, Some(wobble)).unwrap(), 2_445_000);
     }
 
     #[test]

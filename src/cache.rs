@@ -4,6 +4,10 @@
 //! renaming a fully written and verified temporary file into place, so concurrent runs that
 //! share the cache never see a partial blob, and an entry is re-verified against its digest
 //! every time it is used: the cache is never trusted on its name alone.
+//!
+//! Initramfs files that builds made are blobs too, found again through a small index entry
+//! `ROOT/rootfs/<key>.json` ([`RootfsEntry`]) whose key the build derives from everything the
+//! initramfs depends on; the entry names the blob by digest, so it is verified like any other.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -131,7 +135,7 @@ impl Cache {
                 .unwrap_or_else(std::env::temp_dir)
                 .join("oci2uk"),
         };
-        for sub in ["blobs/sha256", "blobs/sha512", "tmp"] {
+        for sub in ["blobs/sha256", "blobs/sha512", "rootfs", "tmp"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|source| CacheError::Dir { path: p, source })?;
         }
@@ -213,6 +217,84 @@ impl Cache {
             source,
         })?;
         w.commit()
+    }
+}
+
+/// An initramfs a build stored: the blob, its size, and the figure the build needs from it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RootfsEntry {
+    /// The blob's digest (`sha256:...`).
+    pub initramfs: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The guest memory the image needs, in MiB.
+    pub memory_mib: u64,
+}
+
+impl Cache {
+    fn rootfs_index(&self, key: &str) -> PathBuf {
+        self.root.join("rootfs").join(format!("{key}.json"))
+    }
+
+    /// The initramfs recorded under `key` (a hex digest), with the path of its verified blob;
+    /// None when there is none, or when the entry or its blob is damaged (the entry is then
+    /// removed).
+    pub fn get_rootfs(&self, key: &str) -> Result<Option<(RootfsEntry, PathBuf)>, CacheError> {
+        let index = self.rootfs_index(key);
+        let text = match fs::read(&index) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CacheError::Io {
+                    path: index,
+                    source,
+                })
+            }
+        };
+        let found = serde_json::from_slice::<RootfsEntry>(&text)
+            .ok()
+            .and_then(|entry| Some((entry.initramfs.parse::<Digest>().ok()?, entry)));
+        if let Some((digest, entry)) = found {
+            if let Some(path) = self.get(&digest, entry.size)? {
+                return Ok(Some((entry, path)));
+            }
+        }
+        tracing::warn!(path = %index.display(), "removing a damaged initramfs entry");
+        let _ = fs::remove_file(&index);
+        Ok(None)
+    }
+
+    /// Moves `file`, whose bytes hash to `digest` (the caller hashed them as it wrote them),
+    /// into the blobs and, with a key, records `entry` under it. Both steps are renames of
+    /// complete files, so a concurrent build sees the entry whole or not at all. Returns the
+    /// blob's path.
+    pub fn put_rootfs(
+        &self,
+        key: Option<&str>,
+        file: tempfile::NamedTempFile,
+        digest: &Digest,
+        entry: &RootfsEntry,
+    ) -> Result<PathBuf, CacheError> {
+        let dest = self.blob_path(digest);
+        file.persist(&dest).map_err(|e| CacheError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
+        let Some(key) = key else {
+            return Ok(dest);
+        };
+        let index = self.rootfs_index(key);
+        let write = || -> io::Result<()> {
+            let mut tmp = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
+            tmp.write_all(&serde_json::to_vec(entry).map_err(io::Error::other)?)?;
+            tmp.persist(&index).map_err(|e| e.error)?;
+            Ok(())
+        };
+        write().map_err(|source| CacheError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        Ok(dest)
     }
 }
 
@@ -311,6 +393,36 @@ mod tests {
         fs::write(&p, b"jello").unwrap();
         assert!(cache.get(&d, 5).unwrap().is_none());
         assert!(!p.exists(), "a corrupt entry is removed");
+    }
+
+    #[test]
+    fn rootfs_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(dir.path())).unwrap();
+        let key = "ab".repeat(32);
+        assert!(cache.get_rootfs(&key).unwrap().is_none());
+        let mut f = tempfile::NamedTempFile::new_in(cache.tmp_dir()).unwrap();
+        f.write_all(b"initramfs").unwrap();
+        let d = sha(b"initramfs");
+        let entry = RootfsEntry {
+            initramfs: d.to_string(),
+            size: 9,
+            memory_mib: 128,
+        };
+        let p = cache.put_rootfs(Some(&key), f, &d, &entry).unwrap();
+        assert_eq!(p, cache.blob_path(&d));
+        assert_eq!(
+            cache.get_rootfs(&key).unwrap(),
+            Some((entry.clone(), p.clone()))
+        );
+        // A damaged blob makes the entry a miss, and the entry goes.
+        fs::write(&p, b"initramfx").unwrap();
+        assert!(cache.get_rootfs(&key).unwrap().is_none());
+        assert!(!cache.rootfs_index(&key).exists());
+        // So does a damaged entry.
+        fs::write(cache.rootfs_index(&key), b"{").unwrap();
+        assert!(cache.get_rootfs(&key).unwrap().is_none());
+        assert_eq!(fs::read_dir(cache.tmp_dir()).unwrap().count(), 0);
     }
 
     #[test]

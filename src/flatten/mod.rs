@@ -9,8 +9,10 @@
 //! reach outside. The result depends only on the layers: the spool starts empty for every
 //! flattening.
 //!
-//! Decompression and DiffID hashing run on a second thread while this one parses the tar and
-//! stores contents, so a layer costs about as long as the slower half.
+//! Decompression and DiffID hashing run on their own threads while this one parses the tar and
+//! stores contents, so a layer costs about as long as the slower half; the next
+//! [`LAYERS_AHEAD`] layers are decompressed at the same time (into bounded buffers, so memory
+//! does not grow with the layers' sizes) while the layers are still applied strictly in order.
 //!
 //! # Rules
 //!
@@ -93,6 +95,9 @@ const READ_BUF: usize = 1 << 20;
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two threads.
 const IN_FLIGHT: usize = 8;
+/// Layers decompressed ahead of the one being applied: each holds at most [`IN_FLIGHT`]
+/// chunks of [`CHUNK`] bytes until its turn comes.
+pub const LAYERS_AHEAD: usize = 2;
 
 /// Options of flattening.
 #[derive(Debug, Clone)]
@@ -280,22 +285,104 @@ pub fn flatten(
     })?;
     let mut nodes = Nodes::new();
     let used = AtomicU64::new(0);
-    for (index, layer) in layers.iter().enumerate() {
-        let label = format!("layer {}/{}", index + 1, layers.len());
-        let mut cx = LayerCx {
-            digest: layer.digest.to_string(),
-            compression: layer.compression,
-            index,
-            nodes: &mut nodes,
-            spool: &mut spool,
-            used: &used,
-            max_size: opts.max_size,
-        };
-        cx.apply_layer(layer, progress, &label)?;
-        tracing::debug!(layer = %layer.digest, entries = nodes.map.len(), spooled = spool.stored(), "applied a layer");
-    }
+    std::thread::scope(|s| {
+        // Started layers, in order; an error opening one is reported when its turn comes,
+        // after the layers below it applied cleanly.
+        let mut started = std::collections::VecDeque::new();
+        let mut next = 0;
+        for (index, layer) in layers.iter().enumerate() {
+            while next < layers.len() && next <= index + LAYERS_AHEAD {
+                let label = format!("layer {}/{}", next + 1, layers.len());
+                let run = Run {
+                    used: &used,
+                    max_size: opts.max_size,
+                };
+                started.push_back(start_layer(s, &layers[next], run, progress, &label));
+                next += 1;
+            }
+            let layer_run = started.pop_front().expect("started above")?;
+            let mut cx = LayerCx {
+                digest: layer.digest.to_string(),
+                compression: layer.compression,
+                index,
+                nodes: &mut nodes,
+                spool: &mut spool,
+                used: &used,
+                max_size: opts.max_size,
+            };
+            cx.finish_layer(layer, layer_run)?;
+            tracing::debug!(layer = %layer.digest, entries = nodes.map.len(), spooled = spool.stored(), "applied a layer");
+        }
+        Ok::<(), FlattenError>(())
+    })?;
     let spool = spool.finish().map_err(FlattenError::Spool)?;
     Ok(Tree { nodes, spool })
+}
+
+/// What the decompressing threads share: the count of bytes produced against the cap.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    used: &'a AtomicU64,
+    max_size: u64,
+}
+
+/// A layer whose decompressing thread runs.
+struct Started<'scope> {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    producer: std::thread::ScopedJoinHandle<'scope, Option<oci_spec::image::Digest>>,
+    bar: indicatif::ProgressBar,
+}
+
+/// Opens a layer, checks its first bytes against its media type and starts decompressing it
+/// on a thread of `scope`.
+fn start_layer<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    layer: &Layer,
+    run: Run<'scope>,
+    progress: &Progress,
+    label: &str,
+) -> Result<Started<'scope>, FlattenError> {
+    let digest = || layer.digest.to_string();
+    let hasher = Hasher::for_digest(&layer.diff_id).map_err(|_| FlattenError::DiffIdAlgorithm {
+        digest: digest(),
+        diff_id: layer.diff_id.to_string(),
+    })?;
+    let open_err = |source| FlattenError::Open {
+        digest: digest(),
+        path: layer.path.display().to_string(),
+        source,
+    };
+    let file = File::open(&layer.path).map_err(open_err)?;
+    let bar = progress.bytes(label, layer.size);
+    let mut input = BufReader::with_capacity(
+        READ_BUF,
+        ProgressRead {
+            inner: file,
+            bar: bar.clone(),
+        },
+    );
+    let head = input.fill_buf().map_err(open_err)?;
+    let found = Compression::sniff(head);
+    let matches = match (layer.compression, found) {
+        (declared, Some(f)) => declared == f,
+        (Compression::None, None) => tar_checksum_ok(head),
+        (Compression::Zstd, None) => zstd_skippable(head),
+        (Compression::Gzip, None) => false,
+    };
+    if !matches {
+        bar.finish_and_clear();
+        return Err(FlattenError::Compression {
+            digest: digest(),
+            media_type: layer.media_type.clone(),
+            declared: layer.compression,
+            found: describe(found, head),
+        });
+    }
+    let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
+    let compression = layer.compression;
+    let producer =
+        scope.spawn(move || produce(input, compression, hasher, run.used, run.max_size, tx));
+    Ok(Started { rx, producer, bar })
 }
 
 /// Marks the size cap in an I/O error crossing from the decompressing thread.
@@ -470,73 +557,28 @@ fn lossy(b: &[u8]) -> String {
 }
 
 impl LayerCx<'_> {
-    fn apply_layer(
-        &mut self,
-        layer: &Layer,
-        progress: &Progress,
-        label: &str,
-    ) -> Result<(), FlattenError> {
-        let hasher =
-            Hasher::for_digest(&layer.diff_id).map_err(|_| FlattenError::DiffIdAlgorithm {
-                digest: self.digest.clone(),
-                diff_id: layer.diff_id.to_string(),
-            })?;
-        let open_err = |source| FlattenError::Open {
-            digest: self.digest.clone(),
-            path: layer.path.display().to_string(),
-            source,
-        };
-        let file = File::open(&layer.path).map_err(open_err)?;
-        let bar = progress.bytes(label, layer.size);
-        let mut input = BufReader::with_capacity(
-            READ_BUF,
-            ProgressRead {
-                inner: file,
-                bar: bar.clone(),
-            },
-        );
-        let head = input.fill_buf().map_err(open_err)?;
-        let found = Compression::sniff(head);
-        let matches = match (layer.compression, found) {
-            (declared, Some(f)) => declared == f,
-            (Compression::None, None) => tar_checksum_ok(head),
-            (Compression::Zstd, None) => zstd_skippable(head),
-            (Compression::Gzip, None) => false,
-        };
-        if !matches {
-            return Err(FlattenError::Compression {
-                digest: self.digest.clone(),
-                media_type: layer.media_type.clone(),
-                declared: layer.compression,
-                found: describe(found, head),
-            });
-        }
-
-        let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
-        let (compression, used, max_size) = (layer.compression, self.used, self.max_size);
-        let (parsed, diff_id) = std::thread::scope(|s| {
-            let producer = s.spawn(move || produce(input, compression, hasher, used, max_size, tx));
-            let mut tr = TarReader::new(ChannelReader {
-                rx,
-                buf: Vec::new(),
-                pos: 0,
-            });
-            let mut parsed = self.apply_entries(&mut tr);
-            if parsed.is_ok() {
-                // The DiffID covers the whole stream, past the end of the archive.
-                let mut rest = tr.into_inner();
-                parsed = io::copy(&mut rest, &mut io::sink())
-                    .map(drop)
-                    .map_err(|e| self.read_error(ReadError::Io(e)));
-            } else {
-                // Dropping the receiver stops the producer.
-                drop(tr);
-            }
-            let diff_id = producer
-                .join()
-                .expect("the decompressing thread does not panic");
-            (parsed, diff_id)
+    /// Parses a started layer's tar stream into the tree, then checks its DiffID.
+    fn finish_layer(&mut self, layer: &Layer, started: Started<'_>) -> Result<(), FlattenError> {
+        let Started { rx, producer, bar } = started;
+        let mut tr = TarReader::new(ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
         });
+        let mut parsed = self.apply_entries(&mut tr);
+        if parsed.is_ok() {
+            // The DiffID covers the whole stream, past the end of the archive.
+            let mut rest = tr.into_inner();
+            parsed = io::copy(&mut rest, &mut io::sink())
+                .map(drop)
+                .map_err(|e| self.read_error(ReadError::Io(e)));
+        } else {
+            // Dropping the receiver stops the producer.
+            drop(tr);
+        }
+        let diff_id = producer
+            .join()
+            .expect("the decompressing thread does not panic");
         bar.finish_and_clear();
         parsed?;
         let actual = diff_id.expect("the stream was read to its end without error");
