@@ -1,6 +1,6 @@
 //! Integration tests: the `oci2uk` binary as a user runs it.
 //!
-//! The tests in `registry` and `faults` need the loopback test registry and its fixtures
+//! The tests in `registry`, `repro` and `faults` need the loopback test registry and its fixtures
 //! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
 //! `registry-tests` feature, which the README's test command and `.ci/run` enable.
 
@@ -12,6 +12,8 @@ mod faults;
 mod guest;
 #[cfg(feature = "registry-tests")]
 mod registry;
+#[cfg(feature = "registry-tests")]
+mod repro;
 mod util;
 #[cfg(feature = "vm-tests")]
 mod vm;
