@@ -15,6 +15,9 @@ pub(crate) const MAX_SPECIAL: u64 = 1 << 20;
 
 const BLOCK: usize = 512;
 
+/// The largest size the header's 11 octal digits can hold.
+const MAX_OCTAL_SIZE: u64 = 0o77_777_777_777;
+
 /// Errors of the framing: I/O (including the decompressor's) or a malformed archive.
 #[derive(Debug)]
 pub(crate) enum ReadError {
@@ -356,6 +359,7 @@ impl<R: Read> TarReader<R> {
 
         let mut xattrs = BTreeMap::new();
         let mut ps = PaxSparse::default();
+        let header_size = size;
         if let Some(records) = &pax {
             for rec in tar::PaxExtensions::new(records) {
                 let rec = rec.map_err(|_| invalid(&path, "malformed pax record"))?;
@@ -386,6 +390,17 @@ impl<R: Read> TarReader<R> {
                     }
                 }
             }
+        }
+
+        if size != header_size && size <= MAX_OCTAL_SIZE {
+            // Writers put a size in a pax record only when the header's field cannot hold it
+            // (and zero that field). A pax size that disagrees with a field that could hold it
+            // makes readers that honour pax (this one, Go's, GNU tar) and readers that do not
+            // see different members in the same bytes: refused rather than picking a side.
+            return Err(invalid(
+                &path,
+                format!("its pax size {size} disagrees with the size field of its header ({header_size})"),
+            ));
         }
 
         if path.contains(&0) || link.contains(&0) {

@@ -761,6 +761,57 @@ fn malformed_archives() {
     );
 }
 
+#[test]
+fn pax_size_disagreeing_with_the_header_is_refused() {
+    // A member hidden in another's data: readers that honour the pax size and readers that
+    // read the header's size field would see different trees.
+    let smuggled = tar(|t| {
+        t.file("smuggled", b"hidden");
+    });
+    let header = &smuggled[..1024];
+    let mut fx = Fixture::new();
+    for (name, pax_size, member) in [("larger", "1536", &b"small"[..]), ("smaller", "0", header)] {
+        let data = tar(|t| {
+            t.custom(
+                b'0',
+                name,
+                "",
+                member,
+                &[("size", pax_size.as_bytes())],
+                |_| {},
+            )
+            .file("after", b"x");
+        });
+        let l = fx.layer_as(&data, Compression::Gzip);
+        let err = fx.flatten(&[l]).unwrap_err();
+        assert!(matches!(err, FlattenError::Malformed { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "{name:?}: its pax size {pax_size} disagrees with the size field of its header ({})",
+                member.len()
+            )),
+            "{err}"
+        );
+    }
+
+    // A pax size the header cannot hold (8 GiB and more): the field is ignored, as writers
+    // zero it. Here the data is missing, which is another error.
+    let data = tar(|t| {
+        t.custom(b'0', "huge", "", b"", &[("size", b"8589934592")], |_| {});
+    });
+    let l = fx.layer_as(&data, Compression::Gzip);
+    let err = fx.flatten(&[l]).unwrap_err();
+    assert!(matches!(err, FlattenError::Corrupt { .. }), "{err}");
+
+    // Agreeing sizes are fine.
+    let data = tar(|t| {
+        t.custom(b'0', "same", "", b"abc", &[("size", b"3")], |_| {});
+    });
+    let l = fx.layer_as(&data, Compression::Gzip);
+    let t = fx.flatten(&[l]).unwrap();
+    assert_eq!(content(&t, "same"), b"abc");
+}
+
 /// Builds an old GNU sparse entry (type `S`) by hand.
 fn old_gnu_sparse(t: &mut TarBuilder, name: &str, map: &[(u64, u64)], real: u64, data: &[u8]) {
     t.custom(b'S', name, "", data, &[], |h| {
