@@ -10,6 +10,8 @@ mod conformance;
 mod faults;
 #[cfg(feature = "vm-tests")]
 mod guest;
+#[cfg(feature = "vm-tests")]
+mod push;
 #[cfg(feature = "registry-tests")]
 mod registry;
 #[cfg(feature = "registry-tests")]

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 /// A started VM (or `oci2uk run`), killed when dropped.
-struct Vm {
+pub(crate) struct Vm {
     child: Child,
     log: PathBuf,
 }
 
 impl Vm {
-    fn start(cmd: &mut Command, log: PathBuf) -> Self {
+    pub(crate) fn start(cmd: &mut Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).unwrap();
         let child = cmd
             .stdin(Stdio::null())
@@ -28,7 +28,7 @@ impl Vm {
         Self { child, log }
     }
 
-    fn console(&self) -> String {
+    pub(crate) fn console(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -54,7 +54,7 @@ impl Drop for Vm {
 }
 
 /// GETs `/` on the forwarded port until it answers 200 or `timeout` passes.
-fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
+pub(crate) fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -76,7 +76,7 @@ fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
 }
 
 /// The fixture nginx baked once per test run, and its index page as the image holds it.
-fn nginx_elf() -> &'static (PathBuf, String) {
+pub(crate) fn nginx_elf() -> &'static (PathBuf, String) {
     static ELF: OnceLock<(tempfile::TempDir, PathBuf, String)> = OnceLock::new();
     let (_, path, page) = ELF.get_or_init(|| {
         let s = Scratch::new();
