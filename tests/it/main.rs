@@ -10,6 +10,7 @@ mod conformance;
 mod faults;
 #[cfg(feature = "vm-tests")]
 mod guest;
+mod hostile;
 #[cfg(feature = "vm-tests")]
 mod push;
 #[cfg(feature = "registry-tests")]
