@@ -198,14 +198,21 @@ pub async fn build(
         _ => {
             let chosen = kernel::discover(req.kernel.as_deref())?;
             let path = chosen.path.clone();
-            let k = tokio::task::spawn_blocking(move || Kernel::load(&path))
-                .await
-                .expect("loading the kernel does not panic")?;
+            let (k, digest) = tokio::task::spawn_blocking(move || {
+                let mut k = Kernel::load(&path)?;
+                // The build needs the vmlinux alone; the file's bytes (14 MiB for Debian's
+                // LZ4 bzImage) are kept only as their digest, for the initramfs key.
+                let digest = sha256_hex(&k.image);
+                k.image = Vec::new();
+                Ok::<_, kernel::KernelError>((k, digest))
+            })
+            .await
+            .expect("loading the kernel does not panic")?;
             if req.format == Format::Elf {
                 k.pvh_entry()?;
             }
             // One copy of the kernel (its vmlinux is tens of MiB), shared with the build task.
-            Some((chosen, Arc::new(k)))
+            Some((chosen, Arc::new(k), digest))
         }
     };
     let tsc_khz = match kernel {
@@ -236,7 +243,7 @@ pub async fn build(
     let mut resolve = req.resolve.clone();
     resolve.platform = match (&req.platform, &kernel) {
         (Some(p), _) => p.clone(),
-        (None, Some((_, k))) => Platform {
+        (None, Some((_, k, _))) => Platform {
             os: "linux".into(),
             architecture: k.machine.oci_arch().into(),
             variant: None,
@@ -260,7 +267,7 @@ pub async fn build(
     let job = Job {
         req: req.clone(),
         img: img.clone(),
-        kernel: kernel.as_ref().map(|(_, k)| Arc::clone(k)),
+        kernel: kernel.as_ref().map(|(_, k, d)| (Arc::clone(k), d.clone())),
         spool: spool.path().to_path_buf(),
         tmp: cache.tmp_dir(),
         cache: cache.clone(),
@@ -281,8 +288,8 @@ pub async fn build(
         source: img.source,
         manifest_digest: img.manifest_digest.to_string(),
         config_digest: img.config_digest.to_string(),
-        kernel: kernel.as_ref().map(|(c, _)| c.to_string()),
-        kernel_version: kernel.as_ref().map(|(_, k)| k.version.clone()),
+        kernel: kernel.as_ref().map(|(c, _, _)| c.to_string()),
+        kernel_version: kernel.as_ref().map(|(_, k, _)| k.version.clone()),
         memory_mib,
     })
 }
@@ -291,7 +298,8 @@ pub async fn build(
 struct Job {
     req: BuildRequest,
     img: Image,
-    kernel: Option<Arc<Kernel>>,
+    /// The kernel, and the sha256 of its file.
+    kernel: Option<(Arc<Kernel>, String)>,
     spool: PathBuf,
     tmp: PathBuf,
     cache: Cache,
@@ -315,7 +323,7 @@ impl Job {
             path: self.dest_name.clone(),
             source,
         };
-        let Some(kernel) = self.kernel.clone() else {
+        let Some((kernel, _)) = self.kernel.clone() else {
             let mut sink = sink.expect("a tar has a sink");
             let tree = self.flatten()?;
             let opts = output::tar::TarOptions {
@@ -504,7 +512,7 @@ impl Job {
             line("layer", &(l.digest.to_string(), l.diff_id.to_string()));
         }
         line("name", &self.req.source.name());
-        line("kernel", &sha256_hex(&kernel.image));
+        line("kernel", &self.kernel.as_ref().map(|(_, d)| d));
         line("kernel-version", &kernel.version);
         line("machine", &kernel.machine);
         for x in extras {
@@ -670,7 +678,7 @@ enum SinkInner {
 }
 
 /// Output chunk handed to the writing thread.
-const SINK_CHUNK: usize = 1 << 20;
+const SINK_CHUNK: usize = 256 << 10;
 /// Chunks queued for the writing thread.
 const SINK_QUEUE: usize = 4;
 

@@ -284,13 +284,15 @@ impl Kernel {
                 Compression::detect(payload).ok_or_else(|| KernelError::UnknownCompression {
                     magic: hex_prefix(payload),
                 })?;
-            let vmlinux =
+            let mut vmlinux =
                 decompress::decompress(compression, payload, MAX_OUTPUT).map_err(|source| {
                     KernelError::Decompress {
                         compression,
                         source,
                     }
                 })?;
+            // Held for the whole build: not the up to twice its size the decoder grew it to.
+            vmlinux.shrink_to_fit();
             (Some(compression), vmlinux)
         };
         let version = bzimage_version(&image);

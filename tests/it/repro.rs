@@ -151,7 +151,7 @@ fn elf_is_reproducible() {
 /// each epoch gives its own bytes, equal to a cold build's with that epoch.
 fn epoch_changes(format: &str, plain: String) {
     let s = Scratch::new();
-    let warm = s.path().join("warm");
+    let warm = s.path().join("cache-warm");
     let base = build(s.path(), &warm, format, "base", None);
     assert_eq!(base.sha256, plain);
     let early = build(s.path(), &warm, format, "early", Some(EARLY));
@@ -167,7 +167,7 @@ fn epoch_changes(format: &str, plain: String) {
     );
     let cold = build(
         s.path(),
-        &s.path().join("cold"),
+        &s.path().join("cache-cold"),
         format,
         "cold",
         Some(EARLY),
