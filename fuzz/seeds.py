@@ -213,7 +213,33 @@ def kernels(out):
             break
 
 
+def good_archives(out):
+    """Valid images with uncompressed layers of every entry kind, for mutations to start from."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make", os.path.join(HOSTILE, "make.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    lower = m.plain(
+        m.dir_("usr/lib"),
+        m.symlink("lib", "usr/lib"),
+        m.file("lib/libc.so", b"\x7fELF" + bytes(60), mode=0o755),
+        m.hardlink("usr/lib/libc.so.6", "usr/lib/libc.so"),
+        m.header("dev-null", b"3"),
+        m.header("fifo", b"6"),
+        m.pax([("path", "long/" + "n" * 120), ("SCHILY.xattr.user.k", "v"), ("mtime", "1.5")]),
+        m.file("long-name-placeholder", b"long"),
+        m.file("gone", b"x"),
+        m.dir_("opaque"),
+        m.file("opaque/old", b"old"),
+    )
+    upper = m.plain(m.file(".wh.gone"), m.file("opaque/.wh..wh..opq"), m.file("opaque/new", b"new"))
+    write(out, "good-docker.tar", m.docker_archive([lower, upper]))
+    write(out, "good-oci.tar", m.Layout([lower, upper]).archive())
+
+
 def archives(out):
+    good_archives(out)
     for d in [CONFORMANCE, HOSTILE]:
         if not os.path.isdir(d):
             continue

@@ -15,3 +15,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # The library's own VM checks (bake, bundle) run too.
 OCI2UK_VM_TESTS=1 cargo test --workspace --all-features
+# A short run of every fuzz target on its corpus (installs nightly and cargo-fuzz if needed).
+scripts/fuzz.sh 30
