@@ -214,7 +214,35 @@ impl<'k> Plan<'k> {
         let segment_vaddr = START_KERNEL_MAP
             .checked_add(segment_paddr)
             .ok_or_else(|| bad_elf("the kernel lies beyond __START_KERNEL_map's reach"))?;
-        let segment_offset = align_up(vmlinux.len() as u64, FILE_ALIGN).expect("small");
+        // The kernel's segments lose their zero tails (.bss, .brk, the init scratch area): the
+        // loader zero-fills memory past a segment's file size, and a fresh guest's RAM is zero
+        // anyway. The file keeps what the segments and notes need and ends there; the section
+        // table (no loader reads it) goes.
+        let mut kernel_phdrs = parsed.phdrs.clone();
+        for p in kernel_phdrs.iter_mut().filter(|p| p.kind == elf::PT_LOAD) {
+            let len = vmlinux.len() as u64;
+            if let Some(range) = p.file_range().filter(|r| r.start <= len) {
+                let bytes = &vmlinux[range.start as usize..range.end.min(len) as usize];
+                p.filesz = bytes
+                    .iter()
+                    .rposition(|b| *b != 0)
+                    .map_or(0, |i| i as u64 + 1);
+            }
+        }
+        let phdr_table_end = parsed
+            .header
+            .phoff
+            .saturating_add(u64::from(parsed.header.phnum) * elf::PHDR_SIZE as u64);
+        let kept_len = kernel_phdrs
+            .iter()
+            .filter(|p| p.filesz > 0)
+            .map(|p| p.offset.saturating_add(p.filesz))
+            .chain([elf::EHDR_SIZE as u64, phdr_table_end])
+            .max()
+            .expect("not empty")
+            .min(vmlinux.len() as u64);
+        let drop_sections = parsed.header.shoff >= kept_len;
+        let segment_offset = align_up(kept_len, FILE_ALIGN).expect("small");
         let at = |offset: u64| segment_paddr + offset;
 
         // The segment's head.
@@ -259,7 +287,7 @@ impl<'k> Plan<'k> {
             memsz: segment_size,
             align: FILE_ALIGN,
         };
-        let mut phdrs = parsed.phdrs.clone();
+        let mut phdrs = kernel_phdrs;
         phdrs.push(new_phdr);
         let phnum = u16::try_from(phdrs.len())
             .ok()
@@ -267,7 +295,9 @@ impl<'k> Plan<'k> {
             .ok_or_else(|| bad_elf("too many program headers"))?;
         let table_len = phdrs.len() as u64 * elf::PHDR_SIZE as u64;
         let end_of_data = segment_offset + segment_size;
-        let in_place = !move_phdrs && phdr_room(&parsed);
+        let in_place = !move_phdrs
+            && phdr_room(&parsed)
+            && phdr_table_end + (elf::PHDR_SIZE as u64) <= kept_len;
         let phdr_offset = if in_place {
             parsed.header.phoff
         } else {
@@ -290,6 +320,10 @@ impl<'k> Plan<'k> {
         let mut patches = Vec::new();
         patches.push((32, phdr_offset.to_le_bytes().to_vec())); // e_phoff
         patches.push((56, phnum.to_le_bytes().to_vec())); // e_phnum
+        if drop_sections {
+            patches.push((40, 0u64.to_le_bytes().to_vec())); // e_shoff
+            patches.push((60, [0u8; 4].to_vec())); // e_shnum, e_shstrndx
+        }
         let note = parsed
             .notes()
             .map_err(KernelError::Elf)?
@@ -315,9 +349,15 @@ impl<'k> Plan<'k> {
         {
             return Err(bad_elf("the PVH note overlaps the ELF or program headers"));
         }
+        if patches
+            .iter()
+            .any(|(offset, bytes)| offset.saturating_add(bytes.len() as u64) > kept_len)
+        {
+            return Err(bad_elf("the PVH note lies outside the kernel's segments"));
+        }
 
         Ok(Plan {
-            vmlinux,
+            vmlinux: &vmlinux[..kept_len as usize],
             layout: Layout {
                 kernel_end,
                 segment_paddr,
