@@ -2,7 +2,7 @@
 # Builds the cargo-fuzz targets (fuzz/) and runs each for SECONDS (default 30) on its committed
 # corpus (fuzz/corpus/TARGET), after replaying the saved crash inputs in fuzz/artifacts/TARGET
 # if there are any. Fails on the first crash, leak, timeout or out-of-memory. Installs what it
-# needs: the nightly toolchain (sanitizers) and cargo-fuzz.
+# needs: the nightly toolchain (sanitizers), g++ (libFuzzer) and cargo-fuzz.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
@@ -18,6 +18,16 @@ fi
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     rustup toolchain install nightly --profile minimal
+fi
+# libfuzzer-sys compiles libFuzzer, which is C++.
+if ! command -v c++ >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "fuzz.sh: run as root to install g++ (libFuzzer is C++)" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+        --no-install-recommends g++
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
