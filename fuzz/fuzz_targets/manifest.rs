@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use oci2uk::image::select::{
-    self, parse_document, select_platform, Document, DOCKER_LIST, DOCKER_MANIFEST,
-    DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST,
+    self, parse_document, select_platform, Document, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1,
+    OCI_INDEX, OCI_MANIFEST,
 };
 use oci2uk::image::{Compression, Platform};
 

@@ -27,7 +27,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again.to_string(), shown);
             let explicit: Source = format!("docker://{shown}").parse().unwrap();
             assert_eq!(explicit, source);
-            let _ = (r.endpoint(), r.manifest_reference(), r.name(), r.is_loopback());
+            let _ = (
+                r.endpoint(),
+                r.manifest_reference(),
+                r.name(),
+                r.is_loopback(),
+            );
             let pinned = r.with_digest(
                 "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             );
