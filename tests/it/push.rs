@@ -21,12 +21,8 @@ fn fresh(name: &str) -> String {
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert_ok(out);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -48,7 +44,10 @@ fn log_len(var: &str) -> u64 {
 }
 
 fn skopeo(args: &[&str]) -> std::process::Output {
-    let out = Command::new("skopeo").args(args).output().expect("run skopeo");
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo");
     assert!(
         out.status.success(),
         "skopeo {args:?}: {}",
@@ -68,7 +67,11 @@ fn layer_files(reference: &str) -> Vec<(String, Vec<u8>)> {
         &format!("docker://{reference}"),
         &format!("oci:{}:x", layout.display()),
     ]);
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(
@@ -142,7 +145,14 @@ fn pushed_file_is_an_oci_image_that_runs_by_reference() {
         .unwrap()
         .starts_with("sha256:"));
     assert_eq!(a["org.oci2uk.file.digest"], sha256_of(elf));
-    assert!(a["org.oci2uk.memory"].as_str().unwrap().parse::<u64>().unwrap() > 0);
+    assert!(
+        a["org.oci2uk.memory"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
     assert!(a["org.oci2uk.kernel.version"].as_str().unwrap().len() > 3);
     assert!(a["org.oci2uk.rootfs.digest"]
         .as_str()
@@ -179,7 +189,10 @@ fn pushed_file_is_an_oci_image_that_runs_by_reference() {
         !log.contains(&format!("POST /v2/{repo}/blobs/uploads")),
         "an upload session was opened:\n{log}"
     );
-    assert!(log.contains(&format!("PUT /v2/{repo}/manifests/2")), "{log}");
+    assert!(
+        log.contains(&format!("PUT /v2/{repo}/manifests/2")),
+        "{log}"
+    );
 
     // Another repository of the registry: the blobs are mounted, not uploaded.
     let other = fresh("nginx");
@@ -245,7 +258,14 @@ fn htpasswd_registry_push_with_creds() {
     let r = format!("{reg}/{}:1", fresh("nginx"));
     let elf_s = elf.to_str().unwrap();
 
-    let out = s.oci2uk(&["push", elf_s, &r, "--creds", &env("OCI2UK_TEST_CREDS"), "--quiet"]);
+    let out = s.oci2uk(&[
+        "push",
+        elf_s,
+        &r,
+        "--creds",
+        &env("OCI2UK_TEST_CREDS"),
+        "--quiet",
+    ]);
     assert_ok(&out);
     let user = env("OCI2UK_TEST_USER");
     let creds = format!("{user}:{password}");
@@ -291,7 +311,12 @@ fn kernel_path() -> PathBuf {
     let mut ks: Vec<PathBuf> = std::fs::read_dir("/boot")
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
         .collect();
     ks.sort();
     ks.pop().expect("a kernel in /boot")
@@ -332,7 +357,12 @@ fn kernel_from_a_registry_bakes_a_file_that_boots() {
     assert!(console.contains("booted the registry kernel"), "{console}");
 
     // A reference that is no kernel artifact is refused with a clear line.
-    let out = s.oci2uk(&["build", &image, "--kernel", &format!("{reg}/busybox:latest")]);
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--kernel",
+        &format!("{reg}/busybox:latest"),
+    ]);
     assert_fails(&out, 1, &["not a kernel artifact"]);
 }
 
@@ -342,12 +372,19 @@ fn build_push_bundle_and_inspect() {
     let reg = env("OCI2UK_TEST_REGISTRY");
     let r = format!("{reg}/{}:1", fresh("busybox"));
     let image = format!("{reg}/busybox:latest");
-    let out = s.oci2uk(&["build", &image, "--format", "bundle", "--push", &r, "--json"]);
+    let out = s.oci2uk(&[
+        "build", &image, "--format", "bundle", "--push", &r, "--json",
+    ]);
     let v = json(&out);
     let digest = v["push"]["digest"].as_str().unwrap();
     assert!(digest.starts_with("sha256:"), "{v}");
     let names: Vec<String> = layer_files(&r).into_iter().map(|(n, _)| n).collect();
-    for want in ["unikernel/busybox.elf", "unikernel/vmlinux", "unikernel/initrd", "unikernel/qemu.sh"] {
+    for want in [
+        "unikernel/busybox.elf",
+        "unikernel/vmlinux",
+        "unikernel/initrd",
+        "unikernel/qemu.sh",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
 
@@ -374,4 +411,79 @@ fn build_push_bundle_and_inspect() {
     std::fs::write(s.path().join("work/junk.elf"), b"not an ELF").unwrap();
     let out = s.oci2uk(&["push", "junk.elf", &r]);
     assert_fails(&out, 1, &["junk.elf", "not a file baked by oci2uk"]);
+}
+
+#[test]
+fn token_registry_push_asks_for_push_scope() {
+    let (elf, _) = nginx_elf();
+    let s = Scratch::new();
+    let reg = env("OCI2UK_TEST_REGISTRY_TOKEN");
+    let repo = fresh("nginx");
+    let r = format!("{reg}/{repo}:1");
+    let elf_s = elf.to_str().unwrap();
+    let mark = log_len("OCI2UK_TEST_TOKEN_SERVER_LOG");
+    let out = s.oci2uk(&[
+        "push",
+        elf_s,
+        &r,
+        "--creds",
+        &env("OCI2UK_TEST_CREDS"),
+        "--json",
+    ]);
+    let v = json(&out);
+    assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log_since("OCI2UK_TEST_TOKEN_SERVER_LOG", mark);
+    let wanted = format!("repository%3A{}%3Apull%2Cpush", repo.replace('/', "%2F"));
+    assert!(log.contains(&wanted), "no push scope asked for:\n{log}");
+    // Anonymous pushes get a token that grants nothing: one clear line.
+    let out = s.oci2uk(&["push", elf_s, &r]);
+    assert_fails(&out, 1, &["denied", &repo]);
+}
+
+#[test]
+fn a_stale_mount_record_falls_back_to_an_upload() {
+    let (elf, _) = nginx_elf();
+    let s = Scratch::new();
+    let reg = env("OCI2UK_TEST_REGISTRY");
+    let elf_s = elf.to_str().unwrap();
+    let first = json(&s.oci2uk(&[
+        "push",
+        elf_s,
+        &format!("{reg}/{}:1", fresh("nginx")),
+        "--json",
+    ]));
+    // The cache's record says another repository holds the blobs; the registry cannot mount
+    // from there (it does not exist), answers 202 and the upload goes on in that session.
+    let records = s.cache().join("pushed").join("127.0.0.1_5000.json");
+    let mut map = serde_json::Map::new();
+    for b in first["blobs"].as_array().unwrap() {
+        map.insert(
+            b["digest"].as_str().unwrap().to_string(),
+            serde_json::json!(["no-such/repository"]),
+        );
+    }
+    std::fs::write(&records, serde_json::to_vec(&map).unwrap()).unwrap();
+    let repo = fresh("nginx");
+    let mark = log_len("OCI2UK_TEST_REGISTRY_LOG");
+    let v = json(&s.oci2uk(&["push", elf_s, &format!("{reg}/{repo}:1"), "--json"]));
+    assert!(
+        v["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["how"] == "uploaded"),
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log_since("OCI2UK_TEST_REGISTRY_LOG", mark);
+    assert!(
+        log.contains(&format!("POST /v2/{repo}/blobs/uploads/?mount=")) && log.contains("\" 202 "),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("PATCH /v2/{repo}/blobs/uploads/")),
+        "{log}"
+    );
+    assert_eq!(v["digest"], first["digest"], "same file, same manifest");
 }
