@@ -12,7 +12,7 @@ use crate::util::*;
 /// What the proxy does with the Nth blob request (counting from 0); requests past the script
 /// are forwarded untouched.
 #[derive(Clone, Copy, Debug)]
-enum Fault {
+pub(crate) enum Fault {
     Forward,
     TooMany,
     Unavailable,
@@ -22,48 +22,56 @@ enum Fault {
 }
 
 #[derive(Default)]
-struct Log {
-    requests: Vec<String>,
+pub(crate) struct Log {
+    pub requests: Vec<String>,
 }
 
-struct Proxy {
-    addr: String,
-    log: Arc<Mutex<Log>>,
+pub(crate) struct Proxy {
+    pub addr: String,
+    pub log: Arc<Mutex<Log>>,
 }
 
 fn start_proxy(upstream: String, blob_script: Vec<Fault>, manifest_script: Vec<Fault>) -> Proxy {
+    start_proxy_with_uploads(upstream, blob_script, manifest_script, vec![])
+}
+
+/// [`start_proxy`] with a script for upload requests too (`PATCH`, and `PUT` of blobs).
+pub(crate) fn start_proxy_with_uploads(
+    upstream: String,
+    blob_script: Vec<Fault>,
+    manifest_script: Vec<Fault>,
+    upload_script: Vec<Fault>,
+) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let log = Arc::new(Mutex::new(Log::default()));
-    let counters = Arc::new(Mutex::new((0usize, 0usize)));
+    let counters = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
     let log2 = log.clone();
     thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
             let (upstream, log, counters) = (upstream.clone(), log2.clone(), counters.clone());
-            let (blob_script, manifest_script) = (blob_script.clone(), manifest_script.clone());
+            let scripts = (
+                blob_script.clone(),
+                manifest_script.clone(),
+                upload_script.clone(),
+            );
             thread::spawn(move || {
-                let _ = serve(
-                    conn,
-                    &upstream,
-                    &log,
-                    &counters,
-                    &blob_script,
-                    &manifest_script,
-                );
+                let _ = serve(conn, &upstream, &log, &counters, &scripts);
             });
         }
     });
     Proxy { addr, log }
 }
 
+type Scripts = (Vec<Fault>, Vec<Fault>, Vec<Fault>);
+
 fn serve(
     client: TcpStream,
     upstream: &str,
     log: &Mutex<Log>,
-    counters: &Mutex<(usize, usize)>,
-    blob_script: &[Fault],
-    manifest_script: &[Fault],
+    counters: &Mutex<(usize, usize, usize)>,
+    (blob_script, manifest_script, upload_script): &Scripts,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
@@ -87,9 +95,17 @@ fn serve(
     let request_line = head[0].trim().to_string();
     let is_blob = request_line.starts_with("GET ") && request_line.contains("/blobs/");
     let is_manifest = request_line.starts_with("GET ") && request_line.contains("/manifests/");
+    let is_upload = request_line.starts_with("PATCH ")
+        || (request_line.starts_with("PUT ") && request_line.contains("/blobs/uploads/"));
     let fault = {
         let mut c = counters.lock().unwrap();
-        if is_blob {
+        if is_upload {
+            c.2 += 1;
+            upload_script
+                .get(c.2 - 1)
+                .copied()
+                .unwrap_or(Fault::Forward)
+        } else if is_blob {
             c.0 += 1;
             blob_script.get(c.0 - 1).copied().unwrap_or(Fault::Forward)
         } else if is_manifest {
@@ -109,6 +125,17 @@ fn serve(
         "{request_line} {fault:?}{}",
         if range { " range" } else { "" }
     ));
+    // A request body (uploads, manifests) is read whole before anything is answered.
+    let length = head
+        .iter()
+        .find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
     let mut client = client;
     match fault {
         Fault::TooMany => {
@@ -130,6 +157,7 @@ fn serve(
     let mut req = head[..head.len() - 1].concat();
     req.push_str("Connection: close\r\n\r\n");
     up.write_all(req.as_bytes())?;
+    up.write_all(&body)?;
     let mut resp = Vec::new();
     up.read_to_end(&mut resp)?;
     if let Fault::CutHalf = fault {

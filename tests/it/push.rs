@@ -487,3 +487,53 @@ fn a_stale_mount_record_falls_back_to_an_upload() {
     );
     assert_eq!(v["digest"], first["digest"], "same file, same manifest");
 }
+
+#[test]
+fn upload_faults_are_retried_and_a_permanent_one_is_one_line() {
+    use crate::faults::{start_proxy_with_uploads, Fault};
+    let (elf, _) = nginx_elf();
+    let elf_s = elf.to_str().unwrap();
+    let s = Scratch::new();
+    // Chunk 2 of the layer gets a 503, the retried session's first chunk a reset.
+    let proxy = start_proxy_with_uploads(
+        env("OCI2UK_TEST_REGISTRY"),
+        vec![],
+        vec![],
+        vec![Fault::Forward, Fault::Unavailable, Fault::Reset],
+    );
+    let repo = fresh("nginx");
+    let v = json(&s.oci2uk(&["push", elf_s, &format!("{}/{repo}:1", proxy.addr), "--json"]));
+    let log = proxy.log.lock().unwrap().requests.join("\n");
+    assert!(
+        log.contains("PATCH") && log.contains("Unavailable"),
+        "{log}"
+    );
+    assert!(log.contains("Reset"), "{log}");
+    // The result is what a push without faults gives, and the layer is whole.
+    let direct = json(&s.oci2uk(&[
+        "push",
+        elf_s,
+        &format!("{}/{}:1", env("OCI2UK_TEST_REGISTRY"), fresh("nginx")),
+        "--json",
+    ]));
+    assert_eq!(v["digest"], direct["digest"]);
+    let files = layer_files(&format!("{}/{repo}:1", env("OCI2UK_TEST_REGISTRY")));
+    let original = std::fs::read(elf).unwrap();
+    assert!(files
+        .iter()
+        .any(|(n, d)| n == "unikernel/nginx.elf" && d == &original));
+
+    // Every upload request failing: one clear line and status 1.
+    let proxy = start_proxy_with_uploads(
+        env("OCI2UK_TEST_REGISTRY"),
+        vec![],
+        vec![],
+        vec![Fault::Always500; 64],
+    );
+    let out = s.oci2uk(&[
+        "push",
+        elf_s,
+        &format!("{}/{}:1", proxy.addr, fresh("nginx")),
+    ]);
+    assert_fails(&out, 1, &["cannot push", "500"]);
+}
