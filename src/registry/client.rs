@@ -220,7 +220,7 @@ impl Session {
         let mut retry = Retrier {
             policy: &ping_policy,
             registry: &registry,
-            what: "the API root".into(),
+            what: "fetching the API root".into(),
             path: "/v2/".into(),
             failures: 0,
             total: 0,
@@ -508,7 +508,7 @@ impl Session {
         let mut retry = Retrier {
             policy: &self.policy,
             registry: &self.registry,
-            what: format!("a token from {realm_host}"),
+            what: format!("fetching a token from {realm_host}"),
             path: path.clone(),
             failures: 0,
             total: 0,
@@ -687,7 +687,7 @@ impl Session {
             HeaderValue::from_str(&MANIFEST_ACCEPT.join(", ")).expect("media types are ASCII"),
         );
         let what = format!("manifest {shown}");
-        let mut retry = self.retrier(what.clone(), &path);
+        let mut retry = self.retrier(format!("fetching {what}"), &path);
         let (bytes, content_type, announced) = loop {
             match self.try_manifest(&path, &headers, shown, &what).await {
                 Ok(v) => break v,
@@ -802,7 +802,7 @@ impl Session {
             .with_finish(indicatif::ProgressFinish::AndClear);
         let path = format!("/v2/{}/blobs/{digest}", self.repository);
         let mut writer = cache.writer(digest, size)?;
-        let mut retry = self.retrier(what.to_string(), &path);
+        let mut retry = self.retrier(format!("fetching {what}"), &path);
         let mut fresh_starts_left = 1;
         loop {
             let before = writer.written();

@@ -243,7 +243,7 @@ pub enum RegistryError {
         reason: String,
     },
     /// Every attempt at a request failed.
-    #[error("fetching {what} from {registry} ({path}) failed after {attempts} attempts")]
+    #[error("{what} on {registry} ({path}) failed after {attempts} attempts")]
     Exhausted {
         /// What was being fetched.
         what: String,

@@ -52,7 +52,7 @@ impl Session {
     /// Whether the repository has the blob (`HEAD`).
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError> {
         let path = self.blob_path(digest);
-        let mut retry = self.retrier(format!("blob {digest}"), &path);
+        let mut retry = self.retrier(format!("checking for blob {digest}"), &path);
         loop {
             let attempt = async {
                 let url = self.url(&path)?;
@@ -88,7 +88,7 @@ impl Session {
         }
         let uploads = format!("/v2/{}/blobs/uploads/", self.repository);
         let what = format!("blob {digest}");
-        let mut retry = self.retrier(format!("the upload of {what}"), &uploads);
+        let mut retry = self.retrier(format!("uploading {what}"), &uploads);
         let mut mounts = mount_from
             .iter()
             .filter(|r| **r != self.repository)
@@ -278,7 +278,7 @@ impl Session {
         h.update(bytes);
         let digest = h.finish();
         let path = format!("/v2/{}/manifests/{reference}", self.repository);
-        let mut retry = self.retrier(format!("the manifest {reference}"), &path);
+        let mut retry = self.retrier(format!("putting the manifest {reference}"), &path);
         let body = bytes::Bytes::copy_from_slice(bytes);
         let mut headers = HeaderMap::new();
         headers.insert(
