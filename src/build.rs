@@ -75,6 +75,8 @@ pub struct BuildRequest {
     pub modules: Option<PathBuf>,
     /// The launch overrides (`--env`, `--entrypoint`, ...).
     pub overrides: plan::Overrides,
+    /// What the guest's root is made of (`--rootfs`).
+    pub rootfs: rootfs::Layout,
 }
 
 /// The modules the init loads, by name; their dependencies come along from `modules.dep`.
@@ -415,9 +417,12 @@ impl Job {
     /// recorded under its key.
     fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         let modules = kernel.modules(self.req.modules.as_deref())?;
-        let needed = modules
-            .closure(GUEST_MODULES)
-            .map_err(BuildError::Modules)?;
+        let wanted: Vec<&str> = GUEST_MODULES
+            .iter()
+            .chain(self.req.rootfs.modules())
+            .copied()
+            .collect();
+        let needed = modules.closure(&wanted).map_err(BuildError::Modules)?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
         let mut module_paths = Vec::new();
         for m in &needed {
@@ -464,7 +469,19 @@ impl Job {
             inner: file.as_file_mut(),
             hasher: Hasher::sha256(),
         };
-        let stats = rootfs::write_initramfs(&tree, &extras, &opts, &mut hashed)?;
+        let squash = rootfs::SquashfsOptions {
+            source_date_epoch: self.req.source_date_epoch,
+            ..Default::default()
+        };
+        let stats = rootfs::write_layout(
+            self.req.rootfs,
+            &tree,
+            &extras,
+            &opts,
+            &squash,
+            &self.tmp,
+            &mut hashed,
+        )?;
         let digest = hashed.hasher.finish();
         drop(tree);
         let memory_mib =
@@ -523,6 +540,7 @@ impl Job {
             line("extra", &(&x.path, x.mode, x.uid, x.gid, kind));
         }
         line("codec", &(opts.codec, opts.level));
+        line("rootfs", &self.req.rootfs);
         line("source-date-epoch", &opts.source_date_epoch);
         line("max-size", &self.req.flatten.max_size);
         line("cmdline", &BAKED_CMDLINE);

@@ -162,6 +162,32 @@ enum FormatArg {
     Bundle,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum RootfsArg {
+    /// The image's tree in the initramfs, unpacked into RAM at boot.
+    Initramfs,
+    /// Not supported yet (no EROFS writer).
+    Erofs,
+    /// A compressed read-only SquashFS image in the initramfs, loop-mounted under a tmpfs
+    /// overlay: the guest needs less memory.
+    Squashfs,
+}
+
+impl RootfsArg {
+    /// The default, [`oci2uk::rootfs::Layout::default`].
+    const DEFAULT: RootfsArg = RootfsArg::Initramfs;
+}
+
+impl From<RootfsArg> for oci2uk::rootfs::Layout {
+    fn from(a: RootfsArg) -> Self {
+        match a {
+            RootfsArg::Initramfs => Self::Initramfs,
+            RootfsArg::Erofs => Self::Erofs,
+            RootfsArg::Squashfs => Self::Squashfs,
+        }
+    }
+}
+
 #[derive(Args)]
 struct BuildArgs {
     /// The image: a reference (`nginx`, `127.0.0.1:5000/web/nginx:1`, `REPO@sha256:...`) or
@@ -176,6 +202,10 @@ struct BuildArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "elf")]
     format: FormatArg,
+
+    /// The guest's root file system (`elf`, `initrd` and `bundle`).
+    #[arg(long, value_enum, default_value_t = RootfsArg::DEFAULT)]
+    rootfs: RootfsArg,
 
     /// Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT]. Default: this
     /// machine's.
@@ -443,6 +473,7 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
         kernel,
         modules,
         overrides,
+        rootfs: args.rootfs.into(),
         flatten: FlattenOptions {
             max_size: args.max_size,
         },
@@ -670,6 +701,7 @@ async fn run_file(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<tempfile::T
         kernel: Some(chosen.path.clone()),
         modules: None,
         overrides: Default::default(),
+        rootfs: Default::default(),
         flatten: FlattenOptions { max_size: 8 << 30 },
         source_date_epoch: None,
     };
@@ -795,6 +827,14 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_rootfs_default_is_the_librarys() {
+        assert_eq!(
+            oci2uk::rootfs::Layout::from(RootfsArg::DEFAULT),
+            oci2uk::rootfs::Layout::default()
+        );
     }
 
     #[test]

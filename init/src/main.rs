@@ -1,7 +1,8 @@
 //! PID 1 of an oci2uk guest.
 //!
 //! Mounts the kernel's file systems, reads `/rumpconfig.json` with the `oci2uk.config=`
-//! override from the kernel command line, loads the listed modules, mounts the volumes, sets
+//! override from the kernel command line, loads the listed modules, makes a read-only root
+//! image (when the initramfs has one) the root under a tmpfs overlay, mounts the volumes, sets
 //! up the network and /etc, then runs the application with its identity, environment and
 //! working directory, forwards signals, reaps zombies, and when the application ends prints
 //! `oci2uk: exit status N` (or `oci2uk: killed by signal N`) as the last line on the console
@@ -18,6 +19,7 @@ mod dhcp;
 mod fs;
 mod modules;
 mod net;
+mod root;
 mod sys;
 
 use std::time::Duration;
@@ -123,6 +125,12 @@ fn boot() -> Result<sys::Exit, Error> {
         console::warn(&problem);
     }
     step(|| format!("{} modules loaded", config.oci2uk.modules.len()));
+    // A read-only root image (`--rootfs squashfs`) becomes the root, with an overlay for
+    // writes, before anything is mounted or written for the application.
+    if root::present() {
+        root::switch()?;
+        step(|| format!("{} mounted as the root", root::ROOT_IMAGE));
+    }
     sup.watch_power_button();
 
     fs::mount_tmp_and_run()?;

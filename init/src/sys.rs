@@ -783,3 +783,111 @@ pub fn open_console(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: the descriptor is new and owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `chroot(2)`.
+pub fn chroot(path: &Path) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: the path is a C string that outlives the call.
+    check(unsafe { libc::chroot(p.as_ptr()) })?;
+    Ok(())
+}
+
+// The loop device's ioctls and structures (`linux/loop.h`), which the libc crate lacks.
+const LOOP_SET_FD: c_ulong = 0x4C00;
+const LOOP_SET_STATUS64: c_ulong = 0x4C04;
+const LOOP_CONFIGURE: c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: c_ulong = 0x4C82;
+/// `LO_FLAGS_READ_ONLY`.
+const LO_FLAGS_READ_ONLY: u32 = 1;
+/// The loop device's major number.
+const LOOP_MAJOR: u64 = 7;
+
+/// `struct loop_info64`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn loop_info(file_name: &str) -> LoopInfo64 {
+    // SAFETY: the structure is plain integers and byte arrays, for which zero is valid.
+    let mut info: LoopInfo64 = unsafe { zeroed() };
+    info.lo_flags = LO_FLAGS_READ_ONLY;
+    let name = file_name.as_bytes();
+    let n = name.len().min(63);
+    info.lo_file_name[..n].copy_from_slice(&name[..n]);
+    info
+}
+
+/// Attaches `backing` (opened read-only) to a free loop device, read-only and with buffered
+/// I/O (no `LO_FLAGS_DIRECT_IO`), and returns the device's path (`/dev/loop0`). Uses
+/// `LOOP_CONFIGURE` (Linux >= 5.8), else `LOOP_SET_FD` and `LOOP_SET_STATUS64`. The device
+/// node is made when devtmpfs has not (yet) made it.
+pub fn loop_attach(backing: &File, name: &str) -> io::Result<std::path::PathBuf> {
+    let ctl = File::open("/dev/loop-control")?;
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
+    let n = check(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) })?;
+    let path = std::path::PathBuf::from(format!("/dev/loop{n}"));
+    if !path.exists() {
+        mknod(
+            &path,
+            libc::S_IFBLK | 0o660,
+            libc::makedev(LOOP_MAJOR as u32, n as u32),
+        )?;
+    }
+    let dev = File::open(&path)?;
+    let config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        block_size: 0,
+        info: loop_info(name),
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`, which `config` is (repr(C), the
+    // kernel's layout) and which outlives the call.
+    let ret = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &config) };
+    if ret == 0 {
+        return Ok(path);
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTTY)) {
+        return Err(err);
+    }
+    // SAFETY: LOOP_SET_FD takes a descriptor, which `backing` owns for the call.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd()) })?;
+    let info = loop_info(name);
+    // SAFETY: LOOP_SET_STATUS64 reads a `struct loop_info64`, which `info` is and which
+    // outlives the call.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64 as _, &info) })?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+
+    #[test]
+    fn loop_structures_have_the_kernels_sizes() {
+        assert_eq!(size_of::<LoopInfo64>(), 232);
+        assert_eq!(size_of::<LoopConfig>(), 304);
+    }
+}

@@ -28,12 +28,17 @@
 //! reverse), is an error rather than a silent loss of the image's files.
 
 mod codec;
+pub mod squashfs;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufWriter, Write};
+use std::fmt;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 pub use codec::{Codec, UnknownCodec};
+pub use squashfs::{SquashCompression, SquashfsOptions, SquashfsStats, ROOT_IMAGE_PATH};
 
 use crate::flatten::ContentCopyError;
 use crate::flatten::{Entry, InodeId, Kind, Tree};
@@ -70,6 +75,58 @@ pub fn module_path(name: &str) -> String {
     format!("{MODULES_DIR}/{name}.ko")
 }
 
+/// What the guest's root file system is made of (`--rootfs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// The image's tree in the initramfs itself, unpacked by the kernel into RAM.
+    #[default]
+    Initramfs,
+    /// The image's tree as a SquashFS image ([`ROOT_IMAGE_PATH`]) inside the initramfs,
+    /// mounted read-only through a loop device, with a tmpfs overlay for writes.
+    Squashfs,
+    /// The same with EROFS: not written yet (see [`RootfsError::Unsupported`]).
+    Erofs,
+}
+
+impl Layout {
+    /// Every layout, in the order `--help` lists them.
+    pub const ALL: [Layout; 3] = [Layout::Initramfs, Layout::Erofs, Layout::Squashfs];
+
+    /// The name: `initramfs`, `erofs`, `squashfs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Initramfs => "initramfs",
+            Self::Squashfs => "squashfs",
+            Self::Erofs => "erofs",
+        }
+    }
+
+    /// The kernel modules the init loads to mount the root (beside the guest's own).
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            Self::Initramfs => &[],
+            Self::Squashfs => squashfs::MODULES,
+            Self::Erofs => &["loop", "erofs", "overlay"],
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| format!("unknown root file system {s:?} (initramfs, erofs, squashfs)"))
+    }
+}
+
 /// A file, directory or symlink oci2uk adds to the image's tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extra {
@@ -90,6 +147,14 @@ pub struct Extra {
 pub enum ExtraKind {
     /// A regular file with these contents.
     File(Vec<u8>),
+    /// A regular file whose contents are read from this host file when the archive is
+    /// written; it must then be `len` bytes long.
+    HostFile {
+        /// The host file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
     /// A directory.
     Dir,
     /// A symbolic link to this target.
@@ -147,7 +212,7 @@ impl Extra {
 
     fn kind_name(&self) -> &'static str {
         match self.kind {
-            ExtraKind::File(_) => "file",
+            ExtraKind::File(_) | ExtraKind::HostFile { .. } => "file",
             ExtraKind::Dir => "directory",
             ExtraKind::Symlink(_) => "symlink",
         }
@@ -199,6 +264,8 @@ pub struct RootfsStats {
     /// Inodes whose extended attributes were dropped (newc cannot hold them): file
     /// capabilities (`security.capability`) among them are lost.
     pub dropped_xattrs: u64,
+    /// The root image inside the initramfs, for [`Layout::Squashfs`].
+    pub root_image: Option<SquashfsStats>,
 }
 
 /// What the initramfs is unpacked into, which decides how much memory the guest needs.
@@ -355,12 +422,79 @@ pub enum RootfsError {
     /// More inodes than newc can number.
     #[error("the tree has more than 4294967295 inodes")]
     TooManyInodes,
+    /// A root file system oci2uk does not write yet.
+    #[error("--rootfs {layout} is not supported yet: {why}")]
+    Unsupported {
+        /// The layout asked for.
+        layout: Layout,
+        /// Why, and what to use instead.
+        why: &'static str,
+    },
+    /// A host file given as an extra changed length.
+    #[error("{path} changed while the initramfs was written")]
+    HostFileChanged {
+        /// The host file.
+        path: String,
+    },
 }
 
 /// Writes the initramfs of `tree` plus `extras` to `w`, compressed with `opts.codec`, and
 /// says what it holds.
 pub fn write_initramfs(
     tree: &Tree,
+    extras: &[Extra],
+    opts: &RootfsOptions,
+    w: impl Write,
+) -> Result<RootfsStats, RootfsError> {
+    write_archive(Some(tree), extras, opts, w)
+}
+
+/// Writes the initramfs of `layout` to `w`: for [`Layout::Initramfs`], what
+/// [`write_initramfs`] writes; for [`Layout::Squashfs`], `tree` as a SquashFS image
+/// (spooled in `tmp_dir`, with `squash` options) at [`ROOT_IMAGE_PATH`] beside `extras`, and
+/// nothing else of the image. `extras` must hold the modules of [`Layout::modules`] for the
+/// init to mount it.
+pub fn write_layout(
+    layout: Layout,
+    tree: &Tree,
+    extras: &[Extra],
+    opts: &RootfsOptions,
+    squash: &SquashfsOptions,
+    tmp_dir: &Path,
+    w: impl Write,
+) -> Result<RootfsStats, RootfsError> {
+    match layout {
+        Layout::Initramfs => write_initramfs(tree, extras, opts, w),
+        Layout::Erofs => Err(RootfsError::Unsupported {
+            layout,
+            why: "there is no maintained Rust EROFS writer, Debian 12's mkfs.erofs (1.5) cannot \
+                  read a tar and oci2uk never unpacks an image onto the host; use --rootfs \
+                  squashfs",
+        }),
+        Layout::Squashfs => {
+            let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
+            let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
+            let mut all = extras.to_vec();
+            all.push(Extra {
+                path: ROOT_IMAGE_PATH.into(),
+                kind: ExtraKind::HostFile {
+                    path: image.path().to_path_buf(),
+                    len: sq.image_size,
+                },
+                mode: 0o400,
+                uid: 0,
+                gid: 0,
+            });
+            let mut stats = write_archive(None, &all, opts, w)?;
+            stats.dropped_xattrs = sq.dropped_xattrs;
+            stats.root_image = Some(sq);
+            Ok(stats)
+        }
+    }
+}
+
+fn write_archive(
+    tree: Option<&Tree>,
     extras: &[Extra],
     opts: &RootfsOptions,
     w: impl Write,
@@ -392,6 +526,7 @@ pub fn write_initramfs(
         compressed_size: 0,
         unpacked_size: 0,
         dropped_xattrs: 0,
+        root_image: None,
     };
     write_entries(tree, &items, opts, &mut cpio, &mut stats)?;
     cpio.trailer()?;
@@ -451,7 +586,7 @@ fn is_private(p: &[u8]) -> bool {
 /// Every entry of the archive, sorted: the image's (minus the private directory), the implied
 /// parents of the extras, and the extras over them.
 fn merge<'a>(
-    tree: &'a Tree,
+    tree: Option<&'a Tree>,
     extras: &'a [Extra],
 ) -> Result<BTreeMap<Cow<'a, [u8]>, Source<'a>>, RootfsError> {
     let mut by_path: BTreeMap<&[u8], &Extra> = BTreeMap::new();
@@ -470,7 +605,8 @@ fn merge<'a>(
         }
     }
     let mut items: BTreeMap<Cow<'a, [u8]>, Source<'a>> = tree
-        .entries()
+        .into_iter()
+        .flat_map(|t| t.entries())
         .filter(|e| !is_private(e.path))
         .map(|e| (Cow::Borrowed(e.path), Source::Image(e)))
         .collect();
@@ -527,7 +663,7 @@ struct Group {
 }
 
 fn write_entries<W: Write>(
-    tree: &Tree,
+    tree: Option<&Tree>,
     items: &BTreeMap<Cow<'_, [u8]>, Source<'_>>,
     opts: &RootfsOptions,
     cpio: &mut Newc<W>,
@@ -591,6 +727,25 @@ fn write_entries<W: Write>(
                         stats.content_size += data.len() as u64;
                         stats.unpacked_size += (data.len() as u64).next_multiple_of(PAGE);
                     }
+                    ExtraKind::HostFile { path: host, len } => {
+                        let mut h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, extra_mtime);
+                        h.filesize = file_size(path, *len)?;
+                        cpio.header(&h, path)?;
+                        let changed = || RootfsError::HostFileChanged {
+                            path: host.display().to_string(),
+                        };
+                        let f = std::fs::File::open(host)?;
+                        let mut r = f.take(*len);
+                        let n = io::copy(&mut r, &mut cpio.w)?;
+                        if n != *len || r.into_inner().read(&mut [0u8; 1])? != 0 {
+                            return Err(changed());
+                        }
+                        cpio.pos += len;
+                        cpio.pad()?;
+                        stats.files += 1;
+                        stats.content_size += len;
+                        stats.unpacked_size += len.next_multiple_of(PAGE);
+                    }
                     ExtraKind::Symlink(target) => {
                         symlink_len(path, target.len())?;
                         let mut h = Header::new(ino, S_IFLNK | 0o777, x.uid, x.gid, 1, extra_mtime);
@@ -620,6 +775,7 @@ fn write_entries<W: Write>(
                         cpio.entry(&h, path, &[])?;
                     }
                     Kind::File(c) => {
+                        let tree = tree.expect("image entries come from a tree");
                         let g = groups.get_mut(&e.id).expect("every file was counted");
                         let first = g.ino.is_none();
                         let ino = match g.ino {

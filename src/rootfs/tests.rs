@@ -748,6 +748,7 @@ fn stats(unpacked_mib: u64, compressed_mib: u64) -> RootfsStats {
         compressed_size: compressed_mib << 20,
         unpacked_size: unpacked_mib << 20,
         dropped_xattrs: 0,
+        root_image: None,
     }
 }
 

@@ -17,6 +17,8 @@ mod push;
 mod registry;
 #[cfg(feature = "registry-tests")]
 mod repro;
+#[cfg(feature = "vm-tests")]
+mod rootfs;
 mod util;
 #[cfg(feature = "vm-tests")]
 mod vm;
