@@ -176,7 +176,10 @@ bundle() {
 if want size; then
     bundle
     elf=$(stat -c %s "$work/nginx.bundle/nginx.elf")
-    load=$(readelf -lW "$work/nginx.bundle/vmlinux" | awk '$1 == "LOAD" { s += strtonum($5) } END { print s }')
+    load=0
+    for h in $(readelf -lW "$work/nginx.bundle/vmlinux" | awk '$1 == "LOAD" { print $5 }'); do
+        load=$((load + h))
+    done
     layers=$(skopeo inspect --tls-verify=false --raw "docker://$image" | jq '[.layers[].size] | add')
     budget=$(echo "$load + 1.05 * $layers" | bc)
     r=$(ratio "$elf" "$budget")
