@@ -256,8 +256,8 @@ EOF
             -initrd "$work/bb.cpio.zst" \
             -append "console=ttyS0 panic=-1 rdinit=/init quiet tsc_early_khz=$OCI2UK_TSC_KHZ")")
     done
-    o=$(printf '%s\n' "${ours[@]}" | median)
-    b=$(printf '%s\n' "${base[@]}" | median)
+    o=$(printf '%.2f\n' "${ours[@]}" | median)
+    b=$(printf '%.2f\n' "${base[@]}" | median)
     row "(f) boot to first HTTP 200 (TCG), s" "$o" "$b" "$(ratio "$o" "$b")" "-" "info"
 fi
 
