@@ -160,8 +160,33 @@ impl Cache {
             .join(digest.digest())
     }
 
+    /// Where the record of the blob's last verification lives.
+    fn stamp_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("verified")
+            .join(digest.algorithm().as_ref())
+            .join(digest.digest())
+    }
+
+    /// Records that the blob file, as `meta` describes it, was verified (best effort).
+    fn stamp(&self, digest: &Digest, meta: &fs::Metadata) {
+        let path = self.stamp_path(digest);
+        let write = || -> io::Result<()> {
+            fs::create_dir_all(path.parent().expect("a cache path"))?;
+            let mut t = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
+            t.write_all(file_identity(meta).as_bytes())?;
+            t.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            tracing::debug!(%digest, error = %e, "cannot record the verification");
+        }
+    }
+
     /// The path of the blob if the cache holds it with the right digest and size. A corrupt
-    /// entry is removed and reported as absent.
+    /// entry is removed and reported as absent. A blob is hashed again unless the file is
+    /// exactly as it was when it was last verified (same size, modification time, inode and
+    /// device), as git's index trusts unchanged files.
     pub fn get(&self, digest: &Digest, size: u64) -> Result<Option<PathBuf>, CacheError> {
         let path = self.blob_path(digest);
         let file = match File::open(&path) {
@@ -169,19 +194,22 @@ impl Cache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(CacheError::Io { path, source }),
         };
-        let len = file
-            .metadata()
-            .map_err(|source| CacheError::Io {
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        if len == size {
+        let meta = file.metadata().map_err(|source| CacheError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.len() == size {
+            let stamp = fs::read_to_string(self.stamp_path(digest)).unwrap_or_default();
+            if stamp == file_identity(&meta) {
+                return Ok(Some(path));
+            }
             let (actual, _) = digest_reader(io::BufReader::new(file), digest)?;
             if &actual == digest {
+                self.stamp(digest, &meta);
                 return Ok(Some(path));
             }
         }
+        let _ = fs::remove_file(self.stamp_path(digest));
         tracing::warn!(%digest, path = %path.display(), "removing a corrupt cache entry");
         let _ = fs::remove_file(&path);
         Ok(None)
@@ -298,6 +326,19 @@ impl Cache {
     }
 }
 
+/// What identifies a file's bytes as unchanged: size, modification time, inode, device.
+fn file_identity(meta: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{} {}.{} {} {}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ino(),
+        meta.dev()
+    )
+}
+
 /// A blob being written into the cache; it appears under its digest only on a successful
 /// [`BlobWriter::commit`], and the temporary file is removed if it is dropped.
 pub struct BlobWriter {
@@ -346,6 +387,11 @@ impl BlobWriter {
             path: self.dest.clone(),
             source: e.error,
         })?;
+        // The bytes were hashed on their way in: record it, as `Cache::get` would.
+        let root = self.dest.ancestors().nth(3).map(Path::to_path_buf);
+        if let (Some(root), Ok(meta)) = (root, fs::metadata(&self.dest)) {
+            Cache { root }.stamp(&self.expected, &meta);
+        }
         Ok(self.dest)
     }
 }
