@@ -175,7 +175,7 @@ enum RootfsArg {
 
 impl RootfsArg {
     /// The default, [`oci2uk::rootfs::Layout::default`].
-    const DEFAULT: RootfsArg = RootfsArg::Initramfs;
+    const DEFAULT: RootfsArg = RootfsArg::Squashfs;
 }
 
 impl From<RootfsArg> for oci2uk::rootfs::Layout {
@@ -468,6 +468,7 @@ async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
         resolve: ResolveOptions {
             platform: Platform::host(),
             registry: registry.clone(),
+            max_blob_size: Some(args.max_size),
         },
         platform,
         kernel,
@@ -658,7 +659,11 @@ async fn cmd_inspect(args: InspectArgs) -> anyhow::Result<()> {
                 inspect::remote(&remote.resolved, config.as_ref())
             }
             other => {
-                let opts = ResolveOptions { platform, registry };
+                let opts = ResolveOptions {
+                    platform,
+                    registry,
+                    max_blob_size: None,
+                };
                 let img = oci2uk::image::resolve(&other, &opts, &cache, &Progress::hidden())
                     .await
                     .with_context(|| format!("cannot get image {target}"))?;
@@ -696,6 +701,7 @@ async fn run_file(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<tempfile::T
         resolve: ResolveOptions {
             platform: Platform::host(),
             registry: registry.clone(),
+            max_blob_size: Some(8 << 30),
         },
         platform: None,
         kernel: Some(chosen.path.clone()),

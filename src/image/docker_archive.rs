@@ -155,6 +155,18 @@ pub enum DockerArchiveError {
         /// Its size.
         size: u64,
     },
+    /// A layer member is larger than `--max-size`.
+    #[error("member {member} of {archive} is {size} bytes, more than the limit of {limit} bytes (--max-size)")]
+    BlobTooLarge {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The archive is not the same between the two passes over it.
     #[error("{archive} changed while it was being read")]
     Changed {
@@ -260,6 +272,16 @@ pub fn resolve(
     selector: Option<&str>,
     cache: &Cache,
 ) -> Result<Image, DockerArchiveError> {
+    resolve_capped(path, selector, cache, None)
+}
+
+/// [`resolve`], refusing a layer member larger than `max_blob_size` before copying it.
+pub fn resolve_capped(
+    path: &Path,
+    selector: Option<&str>,
+    cache: &Cache,
+    max_blob_size: Option<u64>,
+) -> Result<Image, DockerArchiveError> {
     let archive = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let scan_error = |e: ScanError<DockerArchiveError>| match e {
         ScanError::Io(source) => DockerArchiveError::Io {
@@ -326,6 +348,14 @@ pub fn resolve(
     let mut layer_members = Vec::with_capacity(layer_names.len());
     for name in layer_names {
         let (canonical, m) = locate(name)?;
+        if let Some(limit) = max_blob_size.filter(|l| m.size > *l) {
+            return Err(DockerArchiveError::BlobTooLarge {
+                archive,
+                member: name.clone(),
+                size: m.size,
+                limit,
+            });
+        }
         layer_members.push((canonical, m.index, m.size));
     }
     let wanted: HashSet<usize> = layer_members.iter().map(|(_, i, _)| *i).collect();

@@ -38,6 +38,18 @@ const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// Errors of reading an OCI layout.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
+    /// A blob member is larger than `--max-size`.
+    #[error("member {member} of {archive} is {size} bytes, more than the limit of {limit} bytes (--max-size)")]
+    BlobTooLarge {
+        /// The archive.
+        archive: PathBuf,
+        /// The member path.
+        member: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A file of the layout could not be read.
     #[error("cannot read {path}")]
     Io {
@@ -321,6 +333,14 @@ pub fn resolve_archive(
                         member: m.name.clone(),
                         source: Box::new(source),
                     };
+                    if let Some(limit) = opts.max_blob_size.filter(|l| m.size > *l) {
+                        return Err(LayoutError::BlobTooLarge {
+                            archive: abs.clone(),
+                            member: m.name.clone(),
+                            size: m.size,
+                            limit,
+                        });
+                    }
                     // A blob the cache already holds (verified again by `get`) is skipped.
                     let path = match cache.get(&digest, m.size).map_err(member_error)? {
                         Some(p) => p,

@@ -66,6 +66,9 @@ pub struct ResolveOptions {
     pub platform: Platform,
     /// Registry access.
     pub registry: RegistryOptions,
+    /// The largest blob an archive may hold (`--max-size`): a larger member is refused before
+    /// a byte of it is copied, so a compressed archive cannot fill the disk.
+    pub max_blob_size: Option<u64>,
 }
 
 /// Errors of resolving an image (the transport modules have their own, wrapped here).
@@ -98,8 +101,11 @@ pub async fn resolve(
         Source::OciArchive { path, tag } => {
             Ok(layout::resolve_archive(path, tag.as_deref(), opts, cache)?)
         }
-        Source::DockerArchive { path, selector } => {
-            Ok(docker_archive::resolve(path, selector.as_deref(), cache)?)
-        }
+        Source::DockerArchive { path, selector } => Ok(docker_archive::resolve_capped(
+            path,
+            selector.as_deref(),
+            cache,
+            opts.max_blob_size,
+        )?),
     }
 }

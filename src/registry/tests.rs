@@ -47,6 +47,7 @@ fn options(creds: Option<&str>) -> ResolveOptions {
             authfile: Some(empty_authfile()),
             ..Default::default()
         },
+        max_blob_size: None,
     }
 }
 

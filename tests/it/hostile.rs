@@ -211,9 +211,19 @@ impl Site {
         for (path, what) in listing(&self.scratch.cache()) {
             let parts: Vec<&str> = path.split('/').collect();
             match parts.as_slice() {
-                ["tmp" | "rootfs" | "blobs"] | ["blobs", "sha256" | "sha512"] => {
+                ["tmp" | "rootfs" | "blobs" | "verified"]
+                | ["blobs" | "verified", "sha256" | "sha512"] => {
                     assert_eq!(what, "dir", "{path}")
                 }
+                // Records of verified blobs: their size, mtime, inode and device.
+                ["verified", "sha256", hex] => assert!(
+                    self.scratch
+                        .cache()
+                        .join("blobs/sha256")
+                        .join(hex)
+                        .is_file(),
+                    "a record of no blob: {path}"
+                ),
                 ["blobs", "sha256", hex] => {
                     assert_eq!(what, format!("file {hex}"), "cache entry {path}")
                 }
@@ -713,4 +723,64 @@ fn decompression_bombs_stop_at_the_size_cap() {
         );
         eprintln!("{what} bomb refused in {:?}", started.elapsed());
     }
+}
+
+#[test]
+fn a_compressed_archive_with_a_huge_member_is_refused_before_copying() {
+    // `docker save | gzip` of an image whose layer member is 1 GiB of zeros: 1 MiB on disk.
+    const MEMBER: u64 = 1 << 30;
+    let gz = |data: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    };
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        digest(b"")
+    );
+    let manifest =
+        r#"[{"Config":"config.json","RepoTags":["bomb:latest"],"Layers":["layer.tar"]}]"#;
+    let mut head = Vec::new();
+    for (name, data) in [
+        ("manifest.json", manifest.as_bytes()),
+        ("config.json", config.as_bytes()),
+    ] {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+        let mut bytes = b.into_inner().unwrap();
+        bytes.truncate(bytes.len() - 1024); // no end-of-archive yet
+        head.extend_from_slice(&bytes);
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_path("layer.tar").unwrap();
+    h.set_size(MEMBER);
+    h.set_mode(0o644);
+    h.set_cksum();
+    head.extend_from_slice(h.as_bytes());
+    let mut archive = gz(&head);
+    let zeros = gz(&vec![0u8; 1 << 20]);
+    for _ in 0..MEMBER >> 20 {
+        archive.extend_from_slice(&zeros);
+    }
+    archive.extend_from_slice(&gz(&[0u8; 1024]));
+    assert!(archive.len() < 4 << 20);
+    let site = Site::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.tar.gz");
+    fs::write(&path, &archive).unwrap();
+    let started = std::time::Instant::now();
+    site.refused(
+        &format!("docker-archive:{}", path.display()),
+        &["--max-size", "64M"],
+        &[&format!(
+            "member layer.tar of {} is {MEMBER} bytes, more than the limit of {} bytes (--max-size)",
+            path.display(),
+            64 << 20
+        )],
+    );
+    eprintln!("refused in {:?}", started.elapsed());
 }
