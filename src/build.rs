@@ -193,6 +193,9 @@ pub async fn build(
             req.format.extension()
         ))),
     };
+    if req.format != Format::Tar {
+        rootfs::check_layout(req.rootfs)?;
+    }
     // The kernel decides the platform, and an unusable kernel or destination is better found
     // before any download.
     let kernel = match req.format {
