@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what baking and booting need: QEMU and Debian's cloud kernel (the reference kernel:
-# PVH and Xen built in, virtio as modules), and the musl target the guest init is built for.
+# PVH and Xen built in, virtio as modules), squashfs-tools, and the musl target the guest init
+# is built for.
 set -euo pipefail
 
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || missing+=(linux-image-cloud-amd64)
+# unsquashfs: an independent reader the SquashFS root's tests check against.
+command -v unsquashfs >/dev/null || missing+=(squashfs-tools)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-vm.sh: run as root to install: ${missing[*]}" >&2

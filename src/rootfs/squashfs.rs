@@ -68,7 +68,8 @@ pub enum SquashCompression {
 pub struct SquashfsOptions {
     /// The compression.
     pub compression: SquashCompression,
-    /// The compression level (zstd 1 to 22, xz 0 to 9); `None` for 15 (zstd) or 6 (xz).
+    /// The compression level (zstd 1 to 22, xz 0 to 9); `None` for 3 (zstd: level 15 compresses the
+    /// nginx tree 6% smaller but takes 14 times as long) or 6 (xz).
     pub level: Option<u32>,
     /// `SOURCE_DATE_EPOCH`: later mtimes are written as this one; also the image's time.
     pub source_date_epoch: Option<i64>,
@@ -125,7 +126,7 @@ pub fn write_squashfs(
         SquashCompression::Zstd => FilesystemCompressor::new(
             Compressor::Zstd,
             Some(CompressionOptions::Zstd(Zstd {
-                compression_level: opts.level.unwrap_or(15),
+                compression_level: opts.level.unwrap_or(3),
             })),
         ),
         SquashCompression::Xz => {
