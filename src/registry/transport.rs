@@ -61,10 +61,16 @@ pub(crate) enum Payload<'a> {
 }
 
 /// The HTTP clients for one run.
+///
+/// Loading the system's trust store takes a tenth of a second or more, so the client for
+/// other hosts is built on first use, and the one for loopback hosts trusts only `--ca-cert`
+/// (a registry on this machine has no public certificate; without TLS it is reached over plain
+/// HTTP, as docker does).
 pub(crate) struct Transport {
-    remote: reqwest::Client,
+    remote: std::sync::OnceLock<reqwest::Client>,
     local: reqwest::Client,
     insecure: bool,
+    certs: Vec<reqwest::Certificate>,
 }
 
 impl Transport {
@@ -88,26 +94,24 @@ impl Transport {
                 });
             }
         }
-        let build = |loopback: bool| {
-            let mut b = reqwest::Client::builder()
-                .user_agent(concat!("oci2uk/", env!("CARGO_PKG_VERSION")))
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(CONNECT_TIMEOUT)
-                .read_timeout(READ_TIMEOUT)
-                .danger_accept_invalid_certs(opts.insecure);
-            for c in &certs {
-                b = b.add_root_certificate(c.clone());
-            }
-            if loopback {
-                b = b.no_proxy();
-            }
-            b.build().map_err(RegistryError::Client)
-        };
         Ok(Self {
-            remote: build(false)?,
-            local: build(true)?,
+            local: client(true, &certs, opts.insecure).map_err(RegistryError::Client)?,
+            remote: std::sync::OnceLock::new(),
             insecure: opts.insecure,
+            certs,
         })
+    }
+
+    /// The client for `url`'s host.
+    fn client_for(&self, url: &Url) -> Result<&reqwest::Client, reqwest::Error> {
+        if url.host_str().is_some_and(is_loopback_host) {
+            return Ok(&self.local);
+        }
+        if let Some(c) = self.remote.get() {
+            return Ok(c);
+        }
+        let c = client(false, &self.certs, self.insecure)?;
+        Ok(self.remote.get_or_init(|| c))
     }
 
     /// Whether plain HTTP may be used for `url`'s host.
@@ -138,8 +142,7 @@ impl Transport {
                 }
                 other => return Err(SendError::Redirect(format!("unsupported scheme {other}"))),
             }
-            let loopback = url.host_str().is_some_and(is_loopback_host);
-            let client = if loopback { &self.local } else { &self.remote };
+            let client = self.client_for(&url).map_err(SendError::Http)?;
             let mut req = client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
@@ -182,6 +185,27 @@ impl Transport {
             "more than {MAX_REDIRECTS} redirects"
         )))
     }
+}
+
+/// A client: for loopback hosts (no proxy, no system trust store) or for others.
+fn client(
+    loopback: bool,
+    certs: &[reqwest::Certificate],
+    insecure: bool,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .user_agent(concat!("oci2uk/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .danger_accept_invalid_certs(insecure);
+    for c in certs {
+        b = b.add_root_certificate(c.clone());
+    }
+    if loopback {
+        b = b.no_proxy().tls_built_in_root_certs(false);
+    }
+    b.build()
 }
 
 /// Reads a whole body of at most `cap` bytes, refusing a larger one as soon as its
