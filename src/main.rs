@@ -586,52 +586,48 @@ fn report_push(p: &push::PushOutcome) {
     );
 }
 
-async fn cmd_push(args: PushArgs) -> anyhow::Result<()> {
-    let r: ImageRef = args
-        .reference
+/// What `push` and `kernel push` share: the destination, cache, progress and options.
+fn push_setup(
+    reference: &str,
+    registry: RegistryArgs,
+    common: &CommonArgs,
+) -> anyhow::Result<(ImageRef, Cache, Progress, PushOptions)> {
+    let r: ImageRef = reference
         .parse()
-        .with_context(|| format!("invalid reference {:?}", args.reference))?;
-    let cache = Cache::open(args.common.cache.as_deref())?;
-    let progress = Progress::new(!args.common.quiet);
+        .with_context(|| format!("invalid reference {reference:?}"))?;
     let opts = PushOptions {
-        registry: args.registry.into(),
+        registry: registry.into(),
         source_date_epoch: source_date_epoch()?,
     };
-    let p = push::push_path(&args.path, &r, &opts, &cache, &progress).await?;
-    if args.common.json {
-        println!("{}", serde_json::to_string(&p)?);
-    } else if !args.common.quiet {
-        report_push(&p);
+    Ok((
+        r,
+        Cache::open(common.cache.as_deref())?,
+        Progress::new(!common.quiet),
+        opts,
+    ))
+}
+
+/// Prints a push's outcome as `--json`/`--quiet` ask.
+fn print_push(p: &push::PushOutcome, common: &CommonArgs) -> anyhow::Result<()> {
+    if common.json {
+        println!("{}", serde_json::to_string(p)?);
+    } else if !common.quiet {
+        report_push(p);
     }
     Ok(())
 }
 
+async fn cmd_push(args: PushArgs) -> anyhow::Result<()> {
+    let (r, cache, progress, opts) = push_setup(&args.reference, args.registry, &args.common)?;
+    let p = push::push_path(&args.path, &r, &opts, &cache, &progress).await?;
+    print_push(&p, &args.common)
+}
+
 async fn cmd_kernel_push(args: KernelPushArgs) -> anyhow::Result<()> {
-    let r: ImageRef = args
-        .reference
-        .parse()
-        .with_context(|| format!("invalid reference {:?}", args.reference))?;
-    let cache = Cache::open(args.common.cache.as_deref())?;
-    let progress = Progress::new(!args.common.quiet);
-    let opts = PushOptions {
-        registry: args.registry.into(),
-        source_date_epoch: source_date_epoch()?,
-    };
-    let p = push::push_kernel(
-        &args.path,
-        args.modules.as_deref(),
-        &r,
-        &opts,
-        &cache,
-        &progress,
-    )
-    .await?;
-    if args.common.json {
-        println!("{}", serde_json::to_string(&p)?);
-    } else if !args.common.quiet {
-        report_push(&p);
-    }
-    Ok(())
+    let (r, cache, progress, opts) = push_setup(&args.reference, args.registry, &args.common)?;
+    let modules = args.modules.as_deref();
+    let p = push::push_kernel(&args.path, modules, &r, &opts, &cache, &progress).await?;
+    print_push(&p, &args.common)
 }
 
 async fn cmd_inspect(args: InspectArgs) -> anyhow::Result<()> {

@@ -337,44 +337,7 @@ pub async fn run(
 /// (the program header with the highest physical address). `None` for a file that is not a
 /// baked ELF or has no record.
 pub fn recorded_memory(file: &Path) -> std::io::Result<Option<u64>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(file)?;
-    let mut eh = [0u8; 64];
-    if f.read(&mut eh)? < 64 || &eh[..4] != b"\x7fELF" || eh[4] != 2 {
-        return Ok(None);
-    }
-    let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-    let phoff = le64(&eh[32..]);
-    let phentsize = u16::from_le_bytes([eh[54], eh[55]]) as usize;
-    let phnum = u16::from_le_bytes([eh[56], eh[57]]) as usize;
-    if phentsize < 56 || phnum == 0 || phnum > 64 {
-        return Ok(None);
-    }
-    let mut ph = vec![0u8; phentsize * phnum];
-    f.seek(SeekFrom::Start(phoff))?;
-    f.read_exact(&mut ph)?;
-    // The PT_LOAD (type 1) with the highest physical address: (paddr, file offset, size).
-    let last = ph
-        .chunks(phentsize)
-        .filter(|p| u32::from_le_bytes(p[..4].try_into().expect("4 bytes")) == 1)
-        .map(|p| (le64(&p[24..]), le64(&p[8..]), le64(&p[32..])))
-        .max();
-    let Some((_, offset, filesz)) = last else {
-        return Ok(None);
-    };
-    let mut head = vec![0u8; filesz.min(16 * 1024) as usize];
-    f.seek(SeekFrom::Start(offset))?;
-    f.read_exact(&mut head)?;
-    const KEY: &[u8] = b"oci2uk.memory=";
-    let Some(at) = head.windows(KEY.len()).position(|w| w == KEY) else {
-        return Ok(None);
-    };
-    let digits: String = head[at + KEY.len()..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    Ok(digits.parse().ok())
+    crate::artifact::baked::recorded_memory(file)
 }
 
 /// The default QEMU binary: `$OCI2UK_QEMU` or `qemu-system-x86_64` on PATH.
