@@ -505,7 +505,10 @@ mod tests {
         assert_eq!(c.origin, file.display().to_string());
         let dbg = format!("{c:?}");
         // A secret that no temporary directory name can contain by chance.
-        assert!(!dbg.contains("Zq7-secret") && !dbg.contains("file\""), "{dbg}");
+        assert!(
+            !dbg.contains("Zq7-secret") && !dbg.contains("file\""),
+            "{dbg}"
+        );
         opts.authfile = Some(dir.path().join("missing.json"));
         assert!(matches!(
             lookup("h", "r", &opts).await.unwrap_err(),
