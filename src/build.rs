@@ -203,11 +203,11 @@ pub async fn build(
         _ => {
             let chosen = kernel::discover(req.kernel.as_deref())?;
             let path = chosen.path.clone();
+            let cache = cache.clone();
             let (k, digest) = tokio::task::spawn_blocking(move || {
-                let mut k = Kernel::load(&path)?;
+                let (mut k, digest) = load_kernel(&path, &cache)?;
                 // The build needs the vmlinux alone; the file's bytes (14 MiB for Debian's
                 // LZ4 bzImage) are kept only as their digest, for the initramfs key.
-                let digest = sha256_hex(&k.image);
                 k.image = Vec::new();
                 Ok::<_, kernel::KernelError>((k, digest))
             })
@@ -520,7 +520,7 @@ impl Job {
         extras: &[rootfs::Extra],
         opts: &rootfs::RootfsOptions,
     ) -> Option<String> {
-        let exe = exe_digest()?;
+        let exe = exe_digest(&self.cache)?;
         let mut k = String::from("oci2uk initramfs key 1\n");
         let mut line = |name: &str, value: &dyn std::fmt::Debug| {
             k.push_str(&format!("{name} {value:?}\n"));
@@ -589,19 +589,108 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// sha256 of the running binary, computed once: part of every initramfs key.
-fn exe_digest() -> Option<String> {
+fn exe_digest(cache: &Cache) -> Option<String> {
     static EXE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     EXE.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
         let path = std::env::current_exe().ok()?;
-        let file = std::fs::File::open(path).ok()?;
+        let file = std::fs::File::open(&path).ok()?;
+        // Hashing the binary (tens of MiB) would be most of a warm rebuild: the digest is kept
+        // under the file's identity and change times, as git's index keeps a file's.
+        let m = file.metadata().ok()?;
+        let stamp = format!(
+            "{} {} {} {} {}.{} {}.{}",
+            path.display(),
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        );
+        let record = cache.root().join("exe").join(sha256_hex(stamp.as_bytes()));
+        if let Ok(text) = std::fs::read_to_string(&record) {
+            if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Some(text);
+            }
+        }
         let like: Digest =
             "sha256:0000000000000000000000000000000000000000000000000000000000000000"
                 .parse()
                 .expect("a valid digest");
         let (d, _) = crate::cache::digest_reader(io::BufReader::new(file), &like).ok()?;
-        Some(d.digest().to_string())
+        let digest = d.digest().to_string();
+        // A record that cannot be written costs the next build the hashing, nothing more.
+        let _ = record_exe_digest(&record, &digest);
+        Some(digest)
     })
     .clone()
+}
+
+fn record_exe_digest(record: &Path, digest: &str) -> io::Result<()> {
+    let dir = record.parent().expect("a file in the cache");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(digest.as_bytes())?;
+    tmp.persist(record).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Loads the kernel at `path` and gives it with the sha256 of its file. A compressed bzImage's
+/// vmlinux is kept in the cache (a blob, under an index named by the bzImage's digest), so a
+/// later build of the same kernel reads it instead of decompressing it again.
+fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::KernelError> {
+    let image = std::fs::read(path).map_err(|source| kernel::KernelError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let digest = sha256_hex(&image);
+    let index = cache.root().join("vmlinux").join(&digest);
+    let cached = std::fs::read_to_string(&index).ok().and_then(|text| {
+        let (d, len) = text.trim().split_once(' ')?;
+        let d: Digest = d.parse().ok()?;
+        let path = cache.get(&d, len.parse().ok()?).ok()??;
+        std::fs::read(path).ok()
+    });
+    let mut k = match cached {
+        Some(vmlinux) => Kernel::from_bzimage_and_vmlinux(image, vmlinux)?,
+        None => {
+            let k = Kernel::parse(image)?;
+            if let (
+                kernel::ImageFormat::BzImage {
+                    compression: Some(_),
+                },
+                Ok(vmlinux),
+            ) = (&k.format, k.vmlinux())
+            {
+                // A vmlinux that cannot be kept costs the next build a decompression.
+                if let Err(e) = keep_vmlinux(cache, &index, vmlinux) {
+                    tracing::debug!(error = %e, "cannot keep the vmlinux in the cache");
+                }
+            }
+            k
+        }
+    };
+    k.path = Some(path.to_path_buf());
+    Ok((k, digest))
+}
+
+fn keep_vmlinux(cache: &Cache, index: &Path, vmlinux: &[u8]) -> Result<(), BuildError> {
+    let digest: Digest = format!("sha256:{}", sha256_hex(vmlinux))
+        .parse()
+        .expect("a sha256 digest");
+    cache.put_reader(&digest, vmlinux.len() as u64, vmlinux)?;
+    let dir = index.parent().expect("a file in the cache");
+    let io_err = |source| BuildError::Output {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io_err)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    write!(tmp, "{digest} {}", vmlinux.len()).map_err(io_err)?;
+    tmp.persist(index).map_err(|e| io_err(e.error))?;
+    Ok(())
 }
 
 /// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.
@@ -813,7 +902,11 @@ impl Sink {
             SinkInner::Stdout(mut w) => w.flush()?,
             SinkInner::File { file, dest } => {
                 let tmp = file.finish()?;
-                tmp.as_file().sync_all()?;
+                // No fsync: the rename makes the output appear whole or not at all to every
+                // reader, and flushing tens of MiB to the disk would be most of a warm
+                // rebuild. (ext4 and XFS also flush a file renamed over another before the
+                // rename is committed.) As with `cp` and `skopeo copy`, durability against a
+                // power cut is the system's business.
                 // Outputs are ordinary files: 0644 less the umask, not the 0600 of a temp file.
                 set_default_mode(tmp.as_file())?;
                 tmp.persist(&dest).map_err(|e| e.error)?;
@@ -915,6 +1008,45 @@ mod tests {
         // Frequency scaling moves the fraction, not the rounded MHz.
         let wobble = "model name\t: AMD EPYC\ncpu MHz\t\t: 2444.9\n";
         assert_eq!(tsc_khz_from(None, None, Some(wobble)).unwrap(), 2_445_000);
+    }
+
+    #[test]
+    fn a_decompressed_vmlinux_is_kept_and_reused() {
+        use flate2::{write::GzEncoder, Compression as Level};
+        let vmlinux = crate::kernel::tests::tiny_vmlinux(Some(0x100_0001));
+        let mut gz = GzEncoder::new(Vec::new(), Level::default());
+        gz.write_all(&vmlinux).unwrap();
+        let image = crate::kernel::tests::fake_bzimage(&gz.finish().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinuz");
+        std::fs::write(&path, &image).unwrap();
+        let cache = Cache::open(Some(&dir.path().join("cache"))).unwrap();
+
+        let (first, digest) = load_kernel(&path, &cache).unwrap();
+        assert_eq!(digest, sha256_hex(&image));
+        let index = cache.root().join("vmlinux").join(&digest);
+        let recorded = std::fs::read_to_string(&index).unwrap();
+        assert!(
+            recorded.ends_with(&format!(" {}", vmlinux.len())),
+            "{recorded}"
+        );
+
+        // The second load reads the kept vmlinux.
+        let (d, _) = recorded.split_once(' ').unwrap();
+        let blob = cache.blob_path(&d.parse().unwrap());
+        let (second, _) = load_kernel(&path, &cache).unwrap();
+        assert_eq!(second.vmlinux().unwrap(), first.vmlinux().unwrap());
+        assert_eq!(second.version, first.version);
+        assert_eq!(second.format, first.format);
+        assert_eq!(second.path.as_deref(), Some(path.as_path()));
+        // A corrupt kept copy is dropped by the cache's check, and the image decompressed.
+        let mut bytes = std::fs::read(&blob).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::remove_file(&blob).unwrap();
+        std::fs::write(&blob, &bytes).unwrap();
+        let (third, _) = load_kernel(&path, &cache).unwrap();
+        assert_eq!(third.vmlinux().unwrap(), &vmlinux[..]);
     }
 
     #[test]

@@ -258,25 +258,35 @@ impl Kernel {
         })
     }
 
-    fn from_bzimage(image: Vec<u8>) -> Result<Self, KernelError> {
-        let not = |why: &str| KernelError::NotAKernel { why: why.into() };
-        let protocol = elf::u16_at(&image, setup::VERSION).unwrap_or(0);
-        if protocol < 0x208 {
-            // payload_offset/payload_length arrived with boot protocol 2.08 (Linux 2.6.26).
-            return Err(not(
-                "a bzImage older than boot protocol 2.08 (no payload fields)",
-            ));
+    /// A bzImage whose vmlinux was decompressed before (a build's cache keeps it under the
+    /// bzImage's digest): the header is read, the payload is not decompressed again.
+    pub fn from_bzimage_and_vmlinux(image: Vec<u8>, vmlinux: Vec<u8>) -> Result<Self, KernelError> {
+        if image.get(setup::HEADER_MAGIC..setup::HEADER_MAGIC + 4) != Some(b"HdrS") {
+            return Self::parse(image);
         }
-        let setup_sects = match image[setup::SETUP_SECTS] {
-            0 => 4,
-            n => usize::from(n),
-        };
-        let offset = elf::u32_at(&image, setup::PAYLOAD_OFFSET).ok_or_else(|| not("truncated"))?;
-        let length = elf::u32_at(&image, setup::PAYLOAD_LENGTH).ok_or_else(|| not("truncated"))?;
-        let start = (setup_sects + 1) * 512 + offset as usize;
-        let payload = image
-            .get(start..start.saturating_add(length as usize))
-            .ok_or_else(|| not("a bzImage whose payload lies outside the file"))?;
+        let payload = bzimage_payload(&image)?;
+        if payload.starts_with(elf::MAGIC) {
+            return Self::from_bzimage(image);
+        }
+        let compression =
+            Compression::detect(payload).ok_or_else(|| KernelError::UnknownCompression {
+                magic: hex_prefix(payload),
+            })?;
+        let version = bzimage_version(&image);
+        let mut kernel = Self::from_vmlinux(
+            vmlinux,
+            image,
+            ImageFormat::BzImage {
+                compression: Some(compression),
+            },
+            version,
+        )?;
+        kernel.path = None;
+        Ok(kernel)
+    }
+
+    fn from_bzimage(image: Vec<u8>) -> Result<Self, KernelError> {
+        let payload = bzimage_payload(&image)?;
         let (compression, vmlinux) = if payload.starts_with(elf::MAGIC) {
             (None, payload.to_vec())
         } else {
@@ -438,8 +448,30 @@ fn banner_version(data: &[u8]) -> Option<String> {
     None
 }
 
+/// The payload of a bzImage (the compressed vmlinux, or the vmlinux itself).
+fn bzimage_payload(image: &[u8]) -> Result<&[u8], KernelError> {
+    let not = |why: &str| KernelError::NotAKernel { why: why.into() };
+    let protocol = elf::u16_at(image, setup::VERSION).unwrap_or(0);
+    if protocol < 0x208 {
+        // payload_offset/payload_length arrived with boot protocol 2.08 (Linux 2.6.26).
+        return Err(not(
+            "a bzImage older than boot protocol 2.08 (no payload fields)",
+        ));
+    }
+    let setup_sects = match image[setup::SETUP_SECTS] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let offset = elf::u32_at(image, setup::PAYLOAD_OFFSET).ok_or_else(|| not("truncated"))?;
+    let length = elf::u32_at(image, setup::PAYLOAD_LENGTH).ok_or_else(|| not("truncated"))?;
+    let start = (setup_sects + 1) * 512 + offset as usize;
+    image
+        .get(start..start.saturating_add(length as usize))
+        .ok_or_else(|| not("a bzImage whose payload lies outside the file"))
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// The configuration built into the kernel with `CONFIG_IKCONFIG`: gzip data between the
