@@ -677,10 +677,7 @@ fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::K
 }
 
 fn keep_vmlinux(cache: &Cache, index: &Path, vmlinux: &[u8]) -> Result<(), BuildError> {
-    let digest: Digest = format!("sha256:{}", sha256_hex(vmlinux))
-        .parse()
-        .expect("a sha256 digest");
-    cache.put_reader(&digest, vmlinux.len() as u64, vmlinux)?;
+    let (digest, _) = cache.put_bytes(vmlinux)?;
     let dir = index.parent().expect("a file in the cache");
     let io_err = |source| BuildError::Output {
         path: dir.display().to_string(),

@@ -232,6 +232,22 @@ impl Cache {
         })
     }
 
+    /// Stores `data` as a blob under its own sha256 (hashed once, here) and returns the digest
+    /// and the path.
+    pub fn put_bytes(&self, data: &[u8]) -> Result<(Digest, PathBuf), CacheError> {
+        let mut h = Hasher::sha256();
+        h.update(data);
+        let digest = h.finish();
+        let mut w = self.writer(&digest, data.len() as u64)?;
+        // The writer would hash the bytes again: they go to its file directly.
+        w.file.write_all(data).map_err(|source| CacheError::Io {
+            path: w.dest.clone(),
+            source,
+        })?;
+        let path = w.persist()?;
+        Ok((digest, path))
+    }
+
     /// Copies a verified blob from `r` into the cache and returns its path.
     pub fn put_reader(
         &self,
@@ -370,7 +386,7 @@ impl BlobWriter {
 
     /// Verifies digest and size, then moves the blob into place.
     pub fn commit(self) -> Result<PathBuf, CacheError> {
-        let actual = self.hasher.finish();
+        let actual = self.hasher.clone().finish();
         if actual != self.expected || self.written != self.expected_size {
             return Err(CacheError::Mismatch {
                 expected: self.expected,
@@ -379,6 +395,12 @@ impl BlobWriter {
                 actual_size: self.written,
             });
         }
+        self.persist()
+    }
+
+    /// Moves the blob into place and records it as verified: its bytes were hashed on their
+    /// way in.
+    fn persist(self) -> Result<PathBuf, CacheError> {
         let tmp = self.file.into_inner().map_err(|e| CacheError::Io {
             path: self.dest.clone(),
             source: e.into_error(),
@@ -426,6 +448,22 @@ mod tests {
         let mut h = Hasher::sha256();
         h.update(data);
         h.finish()
+    }
+
+    #[test]
+    fn bytes_are_stored_under_their_digest_and_stamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(dir.path())).unwrap();
+        let data = b"a vmlinux, say".repeat(1000);
+        let (digest, path) = cache.put_bytes(&data).unwrap();
+        assert_eq!(digest, sha(&data));
+        assert_eq!(fs::read(&path).unwrap(), data);
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(
+            fs::read_to_string(cache.stamp_path(&digest)).unwrap(),
+            file_identity(&meta)
+        );
+        assert_eq!(cache.get(&digest, data.len() as u64).unwrap(), Some(path));
     }
 
     #[test]

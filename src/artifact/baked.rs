@@ -125,12 +125,11 @@ impl BakedInfo {
         };
         let config = match compression {
             None if magic.starts_with(b"070701") => find_config(&mut tee),
+            // One frame: a SquashFS root follows it as an uncompressed archive.
             Some(Compression::Zstd) => zstd::stream::read::Decoder::new(&mut tee)
                 .map_err(io_err)
-                .map(|mut d| find_config(&mut d))?,
-            Some(Compression::Gzip) => {
-                find_config(&mut flate2::read::MultiGzDecoder::new(&mut tee))
-            }
+                .map(|d| find_config(&mut d.single_frame()))?,
+            Some(Compression::Gzip) => find_config(&mut flate2::read::GzDecoder::new(&mut tee)),
             Some(Compression::Xz) => find_config(&mut lzma_rust2::XzReader::new(&mut tee, true)),
             _ => Ok(None),
         };

@@ -453,7 +453,7 @@ pub fn write_initramfs(
     opts: &RootfsOptions,
     w: impl Write,
 ) -> Result<RootfsStats, RootfsError> {
-    write_archive(Some(tree), extras, opts, w)
+    write_archive(Some(tree), extras, opts, w, None)
 }
 
 /// Writes the initramfs of `layout` to `w`: for [`Layout::Initramfs`], what
@@ -477,8 +477,7 @@ pub fn write_layout(
         Layout::Squashfs => {
             let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
             let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
-            let mut all = extras.to_vec();
-            all.push(Extra {
+            let tail = Extra {
                 path: ROOT_IMAGE_PATH.into(),
                 kind: ExtraKind::HostFile {
                     path: image.path().to_path_buf(),
@@ -487,8 +486,8 @@ pub fn write_layout(
                 mode: 0o400,
                 uid: 0,
                 gid: 0,
-            });
-            let mut stats = write_archive(None, &all, opts, w)?;
+            };
+            let mut stats = write_archive(None, extras, opts, w, Some(&tail))?;
             stats.dropped_xattrs = sq.dropped_xattrs;
             stats.root_image = Some(sq);
             Ok(stats)
@@ -509,11 +508,16 @@ pub fn check_layout(layout: Layout) -> Result<(), RootfsError> {
     }
 }
 
+/// Writes the archive of `tree` and `extras`, compressed with the codec. A `tail` (the root
+/// image, already compressed) follows in an uncompressed archive of its own, with the marker:
+/// the kernel unpacks concatenated archives, compressed or not, and compressing a SquashFS
+/// image again would cost the build and the boot time for nothing.
 fn write_archive(
     tree: Option<&Tree>,
     extras: &[Extra],
     opts: &RootfsOptions,
     w: impl Write,
+    tail: Option<&Extra>,
 ) -> Result<RootfsStats, RootfsError> {
     let level = opts.level.unwrap_or(opts.codec.default_level());
     let levels = opts.codec.levels();
@@ -544,12 +548,51 @@ fn write_archive(
         dropped_xattrs: 0,
         root_image: None,
     };
-    write_entries(tree, &items, opts, &mut cpio, &mut stats)?;
+    if let Some(x) = tail {
+        if items.contains_key(extra_rel(x)?) {
+            return Err(RootfsError::ExtraPath {
+                path: x.path.clone(),
+                why: "another extra has the same path",
+            });
+        }
+    }
+    let mut next_ino = write_entries(tree, &items, opts, &mut cpio, &mut stats, tail.is_none())?;
     cpio.trailer()?;
     stats.cpio_size = cpio.pos;
 
     let enc = cpio.w.into_inner().map_err(|e| e.into_error())?;
     let mut out = enc.finish()?;
+    if let Some(x) = tail {
+        // The uncompressed archive starts on a 4-byte boundary (the kernel skips zeros).
+        let pad = (4 - out.n % 4) % 4;
+        out.write_all(&[0u8; 4][..pad as usize])?;
+        let mut raw = Newc {
+            w: &mut out,
+            pos: 0,
+        };
+        let mtime = opts
+            .source_date_epoch
+            .unwrap_or(0)
+            .clamp(0, NEWC_MAX as i64) as u32;
+        let mut ino = || {
+            next_ino += 1;
+            u32::try_from(next_ino - 1).map_err(|_| RootfsError::TooManyInodes)
+        };
+        let path = extra_rel(x)?;
+        match &x.kind {
+            ExtraKind::HostFile { path: host, len } => {
+                let mode = S_IFREG | (x.mode & 0o7777);
+                let h = Header::new(ino()?, mode, x.uid, x.gid, 1, mtime);
+                host_file_entry(&mut raw, h, path, host, *len, &mut stats)?;
+            }
+            _ => unreachable!("the tail is a file on the host"),
+        }
+        stats.entries += 1;
+        stats.unpacked_size += 1024;
+        marker_entry(&mut raw, ino()?, mtime, &mut stats)?;
+        raw.trailer()?;
+        stats.cpio_size += raw.pos;
+    }
     out.flush()?;
     stats.compressed_size = out.n;
     Ok(stats)
@@ -684,7 +727,8 @@ fn write_entries<W: Write>(
     opts: &RootfsOptions,
     cpio: &mut Newc<W>,
     stats: &mut RootfsStats,
-) -> Result<(), RootfsError> {
+    marker: bool,
+) -> Result<u64, RootfsError> {
     let mut groups: HashMap<InodeId, Group> = HashMap::new();
     for src in items.values() {
         if let Source::Image(e) = src {
@@ -744,23 +788,8 @@ fn write_entries<W: Write>(
                         stats.unpacked_size += (data.len() as u64).next_multiple_of(PAGE);
                     }
                     ExtraKind::HostFile { path: host, len } => {
-                        let mut h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, extra_mtime);
-                        h.filesize = file_size(path, *len)?;
-                        cpio.header(&h, path)?;
-                        let changed = || RootfsError::HostFileChanged {
-                            path: host.display().to_string(),
-                        };
-                        let f = std::fs::File::open(host)?;
-                        let mut r = f.take(*len);
-                        let n = io::copy(&mut r, &mut cpio.w)?;
-                        if n != *len || r.into_inner().read(&mut [0u8; 1])? != 0 {
-                            return Err(changed());
-                        }
-                        cpio.pos += len;
-                        cpio.pad()?;
-                        stats.files += 1;
-                        stats.content_size += len;
-                        stats.unpacked_size += len.next_multiple_of(PAGE);
+                        let h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, extra_mtime);
+                        host_file_entry(cpio, h, path, host, *len, stats)?;
                     }
                     ExtraKind::Symlink(target) => {
                         symlink_len(path, target.len())?;
@@ -853,13 +882,52 @@ fn write_entries<W: Write>(
             }
         }
     }
-    if items.contains_key(&PRIVATE_DIR.as_bytes()[1..]) {
-        let h = Header::new(new_ino()?, S_IFREG | 0o444, 0, 0, 1, extra_mtime);
-        cpio.entry(&h, &UNPACKED_PATH.as_bytes()[1..], &[])?;
-        stats.entries += 1;
-        stats.files += 1;
-        stats.unpacked_size += 1024;
+    if marker && items.contains_key(&PRIVATE_DIR.as_bytes()[1..]) {
+        marker_entry(cpio, new_ino()?, extra_mtime, stats)?;
     }
+    Ok(next_ino)
+}
+
+/// The last entry, [`UNPACKED_PATH`].
+fn marker_entry<W: Write>(
+    cpio: &mut Newc<W>,
+    ino: u32,
+    mtime: u32,
+    stats: &mut RootfsStats,
+) -> Result<(), RootfsError> {
+    let h = Header::new(ino, S_IFREG | 0o444, 0, 0, 1, mtime);
+    cpio.entry(&h, &UNPACKED_PATH.as_bytes()[1..], &[])?;
+    stats.entries += 1;
+    stats.files += 1;
+    stats.unpacked_size += 1024;
+    Ok(())
+}
+
+/// A regular file whose `len` bytes are copied from `host`, which must not change meanwhile.
+fn host_file_entry<W: Write>(
+    cpio: &mut Newc<W>,
+    mut h: Header,
+    path: &[u8],
+    host: &Path,
+    len: u64,
+    stats: &mut RootfsStats,
+) -> Result<(), RootfsError> {
+    h.filesize = file_size(path, len)?;
+    cpio.header(&h, path)?;
+    let changed = || RootfsError::HostFileChanged {
+        path: host.display().to_string(),
+    };
+    let f = std::fs::File::open(host)?;
+    let mut r = f.take(len);
+    let n = io::copy(&mut r, &mut cpio.w)?;
+    if n != len || r.into_inner().read(&mut [0u8; 1])? != 0 {
+        return Err(changed());
+    }
+    cpio.pos += len;
+    cpio.pad()?;
+    stats.files += 1;
+    stats.content_size += len;
+    stats.unpacked_size += len.next_multiple_of(PAGE);
     Ok(())
 }
 

@@ -368,3 +368,69 @@ fn the_squashfs_layout_holds_extras_and_the_image() {
     .unwrap_err();
     assert!(err.to_string().contains("not supported yet"), "{err}");
 }
+
+/// The names of a newc archive's entries, up to its trailer, and where it ends.
+fn newc_names(bytes: &[u8]) -> (Vec<String>, usize) {
+    let hex = |b: &[u8]| usize::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
+    let (mut names, mut at) = (Vec::new(), 0);
+    loop {
+        let h = &bytes[at..at + 110];
+        assert_eq!(&h[..6], b"070701", "a header at {at}");
+        let (size, namesize) = (hex(&h[54..62]), hex(&h[94..102]));
+        let name = String::from_utf8_lossy(&bytes[at + 110..at + 110 + namesize - 1]).into_owned();
+        at = (at + 110 + namesize).next_multiple_of(4);
+        at = (at + size).next_multiple_of(4);
+        if name == "TRAILER!!!" {
+            return (names, at);
+        }
+        names.push(name);
+    }
+}
+
+#[test]
+fn the_root_image_follows_the_compressed_archive_uncompressed() {
+    let mut fx = Fixture::new();
+    let tree = sample(&mut fx);
+    let tmp = tempfile::tempdir().unwrap();
+    let extras = vec![
+        Extra::init(b"\x7fELF init".to_vec()),
+        Extra::config(b"{}".to_vec()),
+    ];
+    let opts = super::super::RootfsOptions {
+        codec: super::super::Codec::Zstd,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let stats = super::super::write_layout(
+        super::super::Layout::Squashfs,
+        &tree,
+        &extras,
+        &opts,
+        &SquashfsOptions::default(),
+        tmp.path(),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(stats.compressed_size, out.len() as u64);
+    // First a zstd frame with the extras, then (4-byte aligned) a plain archive with the image
+    // and the marker last.
+    let frame = zstd::zstd_safe::find_frame_compressed_size(&out).unwrap();
+    let mut head = Vec::new();
+    zstd::stream::read::Decoder::new(&out[..frame])
+        .unwrap()
+        .read_to_end(&mut head)
+        .unwrap();
+    let (names, _) = newc_names(&head);
+    assert_eq!(names, [".oci2uk", ".oci2uk/init", "rumpconfig.json"]);
+    let start = frame.next_multiple_of(4);
+    assert!(out[frame..start].iter().all(|b| *b == 0));
+    let (names, end) = newc_names(&out[start..]);
+    assert_eq!(names, [".oci2uk/root.squashfs", ".oci2uk/unpacked"]);
+    assert_eq!(start + end, out.len());
+    let (img, _) = write(&tree, &SquashfsOptions::default());
+    let bytes = std::fs::read(img.path()).unwrap();
+    assert!(out[start..]
+        .windows(bytes.len())
+        .any(|w| w == bytes.as_slice()));
+    assert_eq!(stats.entries, 5);
+}
