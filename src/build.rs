@@ -772,9 +772,11 @@ impl Destination {
 
 /// An output being written: a temporary file beside the destination (renamed into place by
 /// [`Sink::finish`], removed if dropped) or standard output; hashes what passes through. A
-/// file is written by a thread of its own, so that hashing and writing the output overlap.
+/// file is hashed and written by a thread of its own, so that producing the output, hashing
+/// it and writing it overlap.
 struct Sink {
     inner: SinkInner,
+    /// Hashes standard output (a file is hashed by its writing thread).
     hasher: Hasher,
     size: u64,
 }
@@ -793,17 +795,21 @@ const SINK_QUEUE: usize = 4;
 struct FileWriter {
     buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<io::Result<tempfile::NamedTempFile>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<(tempfile::NamedTempFile, Digest)>>>,
 }
 
 impl FileWriter {
     fn new(mut file: tempfile::NamedTempFile) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SINK_QUEUE);
+        // The thread hashes as well as writes: the producer (flattening, the bake) keeps the
+        // other core.
         let thread = std::thread::spawn(move || {
+            let mut hasher = Hasher::sha256();
             for chunk in rx {
+                hasher.update(&chunk);
                 file.write_all(&chunk)?;
             }
-            Ok(file)
+            Ok((file, hasher.finish()))
         });
         Self {
             buf: Vec::with_capacity(SINK_CHUNK),
@@ -812,8 +818,8 @@ impl FileWriter {
         }
     }
 
-    /// The writing thread's result: the file, or why it stopped.
-    fn join(&mut self) -> io::Result<tempfile::NamedTempFile> {
+    /// The writing thread's result: the file and its digest, or why it stopped.
+    fn join(&mut self) -> io::Result<(tempfile::NamedTempFile, Digest)> {
         self.tx = None;
         match self.thread.take() {
             Some(t) => t.join().expect("the writing thread does not panic"),
@@ -846,7 +852,7 @@ impl FileWriter {
         Ok(n)
     }
 
-    fn finish(mut self) -> io::Result<tempfile::NamedTempFile> {
+    fn finish(mut self) -> io::Result<(tempfile::NamedTempFile, Digest)> {
         self.send()?;
         self.join()
     }
@@ -895,10 +901,13 @@ impl Sink {
     }
 
     fn finish(self) -> io::Result<(Digest, u64)> {
-        match self.inner {
-            SinkInner::Stdout(mut w) => w.flush()?,
+        let digest = match self.inner {
+            SinkInner::Stdout(mut w) => {
+                w.flush()?;
+                self.hasher.finish()
+            }
             SinkInner::File { file, dest } => {
-                let tmp = file.finish()?;
+                let (tmp, digest) = file.finish()?;
                 // No fsync: the rename makes the output appear whole or not at all to every
                 // reader, and flushing tens of MiB to the disk would be most of a warm
                 // rebuild. (ext4 and XFS also flush a file renamed over another before the
@@ -907,9 +916,10 @@ impl Sink {
                 // Outputs are ordinary files: 0644 less the umask, not the 0600 of a temp file.
                 set_default_mode(tmp.as_file())?;
                 tmp.persist(&dest).map_err(|e| e.error)?;
+                digest
             }
-        }
-        Ok((self.hasher.finish(), self.size))
+        };
+        Ok((digest, self.size))
     }
 }
 
@@ -922,9 +932,12 @@ impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = match &mut self.inner {
             SinkInner::File { file, .. } => file.write(buf)?,
-            SinkInner::Stdout(w) => w.write(buf)?,
+            SinkInner::Stdout(w) => {
+                let n = w.write(buf)?;
+                self.hasher.update(&buf[..n]);
+                n
+            }
         };
-        self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
     }
