@@ -622,19 +622,10 @@ fn exe_digest(cache: &Cache) -> Option<String> {
         let (d, _) = crate::cache::digest_reader(io::BufReader::new(file), &like).ok()?;
         let digest = d.digest().to_string();
         // A record that cannot be written costs the next build the hashing, nothing more.
-        let _ = record_exe_digest(&record, &digest);
+        let _ = cache.put_record(&record, &digest);
         Some(digest)
     })
     .clone()
-}
-
-fn record_exe_digest(record: &Path, digest: &str) -> io::Result<()> {
-    let dir = record.parent().expect("a file in the cache");
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(digest.as_bytes())?;
-    tmp.persist(record).map_err(|e| e.error)?;
-    Ok(())
 }
 
 /// Loads the kernel at `path` and gives it with the sha256 of its file. A compressed bzImage's
@@ -678,16 +669,12 @@ fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::K
 
 fn keep_vmlinux(cache: &Cache, index: &Path, vmlinux: &[u8]) -> Result<(), BuildError> {
     let (digest, _) = cache.put_bytes(vmlinux)?;
-    let dir = index.parent().expect("a file in the cache");
-    let io_err = |source| BuildError::Output {
-        path: dir.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io_err)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
-    write!(tmp, "{digest} {}", vmlinux.len()).map_err(io_err)?;
-    tmp.persist(index).map_err(|e| io_err(e.error))?;
-    Ok(())
+    cache
+        .put_record(index, &format!("{digest} {}", vmlinux.len()))
+        .map_err(|source| BuildError::Output {
+            path: index.display().to_string(),
+            source,
+        })
 }
 
 /// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.

@@ -171,16 +171,18 @@ impl Cache {
     /// Records that the blob file, as `meta` describes it, was verified (best effort).
     fn stamp(&self, digest: &Digest, meta: &fs::Metadata) {
         let path = self.stamp_path(digest);
-        let write = || -> io::Result<()> {
-            fs::create_dir_all(path.parent().expect("a cache path"))?;
-            let mut t = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
-            t.write_all(file_identity(meta).as_bytes())?;
-            t.persist(&path).map_err(|e| e.error)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
+        if let Err(e) = self.put_record(&path, &file_identity(meta)) {
             tracing::debug!(%digest, error = %e, "cannot record the verification");
         }
+    }
+
+    /// Writes a small record file at `path` (a path inside the cache) whole or not at all.
+    pub fn put_record(&self, path: &Path, contents: &str) -> io::Result<()> {
+        fs::create_dir_all(path.parent().expect("a cache path"))?;
+        let mut t = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
+        t.write_all(contents.as_bytes())?;
+        t.persist(path).map_err(|e| e.error)?;
+        Ok(())
     }
 
     /// The path of the blob if the cache holds it with the right digest and size. A corrupt

@@ -273,16 +273,14 @@ impl Kernel {
                 magic: hex_prefix(payload),
             })?;
         let version = bzimage_version(&image);
-        let mut kernel = Self::from_vmlinux(
+        Self::from_vmlinux(
             vmlinux,
             image,
             ImageFormat::BzImage {
                 compression: Some(compression),
             },
             version,
-        )?;
-        kernel.path = None;
-        Ok(kernel)
+        )
     }
 
     fn from_bzimage(image: Vec<u8>) -> Result<Self, KernelError> {

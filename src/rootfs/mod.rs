@@ -477,17 +477,8 @@ pub fn write_layout(
         Layout::Squashfs => {
             let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
             let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
-            let tail = Extra {
-                path: ROOT_IMAGE_PATH.into(),
-                kind: ExtraKind::HostFile {
-                    path: image.path().to_path_buf(),
-                    len: sq.image_size,
-                },
-                mode: 0o400,
-                uid: 0,
-                gid: 0,
-            };
-            let mut stats = write_archive(None, extras, opts, w, Some(&tail))?;
+            let tail = (image.path(), sq.image_size);
+            let mut stats = write_archive(None, extras, opts, w, Some(tail))?;
             stats.dropped_xattrs = sq.dropped_xattrs;
             stats.root_image = Some(sq);
             Ok(stats)
@@ -508,16 +499,17 @@ pub fn check_layout(layout: Layout) -> Result<(), RootfsError> {
     }
 }
 
-/// Writes the archive of `tree` and `extras`, compressed with the codec. A `tail` (the root
-/// image, already compressed) follows in an uncompressed archive of its own, with the marker:
-/// the kernel unpacks concatenated archives, compressed or not, and compressing a SquashFS
-/// image again would cost the build and the boot time for nothing.
+/// Writes the archive of `tree` and `extras`, compressed with the codec. A `tail`, the root
+/// image (already compressed: the host file and its length), follows at [`ROOT_IMAGE_PATH`]
+/// in an uncompressed archive of its own, with the marker: the kernel unpacks concatenated
+/// archives, compressed or not, and compressing a SquashFS image again would cost the build
+/// and the boot time for nothing.
 fn write_archive(
     tree: Option<&Tree>,
     extras: &[Extra],
     opts: &RootfsOptions,
     w: impl Write,
-    tail: Option<&Extra>,
+    tail: Option<(&Path, u64)>,
 ) -> Result<RootfsStats, RootfsError> {
     let level = opts.level.unwrap_or(opts.codec.default_level());
     let levels = opts.codec.levels();
@@ -548,13 +540,12 @@ fn write_archive(
         dropped_xattrs: 0,
         root_image: None,
     };
-    if let Some(x) = tail {
-        if items.contains_key(extra_rel(x)?) {
-            return Err(RootfsError::ExtraPath {
-                path: x.path.clone(),
-                why: "another extra has the same path",
-            });
-        }
+    let tail_path = &ROOT_IMAGE_PATH.as_bytes()[1..];
+    if tail.is_some() && items.contains_key(tail_path) {
+        return Err(RootfsError::ExtraPath {
+            path: ROOT_IMAGE_PATH.into(),
+            why: "another extra has the same path",
+        });
     }
     let mut next_ino = write_entries(tree, &items, opts, &mut cpio, &mut stats, tail.is_none())?;
     cpio.trailer()?;
@@ -562,7 +553,7 @@ fn write_archive(
 
     let enc = cpio.w.into_inner().map_err(|e| e.into_error())?;
     let mut out = enc.finish()?;
-    if let Some(x) = tail {
+    if let Some((host, len)) = tail {
         // The uncompressed archive starts on a 4-byte boundary (the kernel skips zeros).
         let pad = (4 - out.n % 4) % 4;
         out.write_all(&[0u8; 4][..pad as usize])?;
@@ -570,23 +561,13 @@ fn write_archive(
             w: &mut out,
             pos: 0,
         };
-        let mtime = opts
-            .source_date_epoch
-            .unwrap_or(0)
-            .clamp(0, NEWC_MAX as i64) as u32;
+        let mtime = extra_mtime(opts);
         let mut ino = || {
             next_ino += 1;
             u32::try_from(next_ino - 1).map_err(|_| RootfsError::TooManyInodes)
         };
-        let path = extra_rel(x)?;
-        match &x.kind {
-            ExtraKind::HostFile { path: host, len } => {
-                let mode = S_IFREG | (x.mode & 0o7777);
-                let h = Header::new(ino()?, mode, x.uid, x.gid, 1, mtime);
-                host_file_entry(&mut raw, h, path, host, *len, &mut stats)?;
-            }
-            _ => unreachable!("the tail is a file on the host"),
-        }
+        let h = Header::new(ino()?, S_IFREG | 0o400, 0, 0, 1, mtime);
+        host_file_entry(&mut raw, h, tail_path, host, len, &mut stats)?;
         stats.entries += 1;
         stats.unpacked_size += 1024;
         marker_entry(&mut raw, ino()?, mtime, &mut stats)?;
@@ -747,7 +728,7 @@ fn write_entries<W: Write>(
         let t = opts.source_date_epoch.map_or(t, |e| t.min(e));
         t.clamp(0, NEWC_MAX as i64) as u32
     };
-    let extra_mtime = clamp(opts.source_date_epoch.unwrap_or(0));
+    let extra_mtime = extra_mtime(opts);
     let mut next_ino: u64 = 1;
     let mut new_ino = || {
         let ino = u32::try_from(next_ino).map_err(|_| RootfsError::TooManyInodes)?;
@@ -886,6 +867,13 @@ fn write_entries<W: Write>(
         marker_entry(cpio, new_ino()?, extra_mtime, stats)?;
     }
     Ok(next_ino)
+}
+
+/// The mtime of what oci2uk adds: `SOURCE_DATE_EPOCH`, else 0.
+fn extra_mtime(opts: &RootfsOptions) -> u32 {
+    opts.source_date_epoch
+        .unwrap_or(0)
+        .clamp(0, NEWC_MAX as i64) as u32
 }
 
 /// The last entry, [`UNPACKED_PATH`].

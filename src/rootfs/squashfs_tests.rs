@@ -310,30 +310,49 @@ fn unsquashfs_lists_it() {
     }
 }
 
-#[test]
-fn the_squashfs_layout_holds_extras_and_the_image() {
-    let mut fx = Fixture::new();
-    let tree = sample(&mut fx);
-    let tmp = tempfile::tempdir().unwrap();
-    let extras = vec![
+/// The extras of the layout tests: an init and a config.
+fn layout_extras() -> Vec<Extra> {
+    vec![
         Extra::init(b"\x7fELF init".to_vec()),
         Extra::config(b"{}".to_vec()),
-    ];
+    ]
+}
+
+/// `tree` written as the SquashFS layout with [`layout_extras`] and `codec`, spooling in `tmp`.
+fn squashfs_layout(
+    tree: &Tree,
+    codec: super::super::Codec,
+    tmp: &Path,
+) -> (Vec<u8>, super::super::RootfsStats) {
     let opts = super::super::RootfsOptions {
-        codec: super::super::Codec::None,
+        codec,
         ..Default::default()
     };
     let mut out = Vec::new();
     let stats = super::super::write_layout(
         super::super::Layout::Squashfs,
-        &tree,
-        &extras,
+        tree,
+        &layout_extras(),
         &opts,
         &SquashfsOptions::default(),
-        tmp.path(),
+        tmp,
         &mut out,
     )
     .unwrap();
+    (out, stats)
+}
+
+#[test]
+fn the_squashfs_layout_holds_extras_and_the_image() {
+    let mut fx = Fixture::new();
+    let tree = sample(&mut fx);
+    let tmp = tempfile::tempdir().unwrap();
+    let extras = layout_extras();
+    let opts = super::super::RootfsOptions {
+        codec: super::super::Codec::None,
+        ..Default::default()
+    };
+    let (out, stats) = squashfs_layout(&tree, opts.codec, tmp.path());
     let sq = stats.root_image.expect("a root image");
     // No spooled image is left behind.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
@@ -392,25 +411,7 @@ fn the_root_image_follows_the_compressed_archive_uncompressed() {
     let mut fx = Fixture::new();
     let tree = sample(&mut fx);
     let tmp = tempfile::tempdir().unwrap();
-    let extras = vec![
-        Extra::init(b"\x7fELF init".to_vec()),
-        Extra::config(b"{}".to_vec()),
-    ];
-    let opts = super::super::RootfsOptions {
-        codec: super::super::Codec::Zstd,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    let stats = super::super::write_layout(
-        super::super::Layout::Squashfs,
-        &tree,
-        &extras,
-        &opts,
-        &SquashfsOptions::default(),
-        tmp.path(),
-        &mut out,
-    )
-    .unwrap();
+    let (out, stats) = squashfs_layout(&tree, super::super::Codec::Zstd, tmp.path());
     assert_eq!(stats.compressed_size, out.len() as u64);
     // First a zstd frame with the extras, then (4-byte aligned) a plain archive with the image
     // and the marker last.
