@@ -9,8 +9,8 @@
 //! reach outside. The result depends only on the layers: the spool starts empty for every
 //! flattening.
 //!
-//! Decompression and DiffID hashing run on their own threads while this one parses the tar and
-//! stores contents, so a layer costs about as long as the slower half; the next
+//! Decompression runs on a thread of its own while this one hashes the stream for the DiffID,
+//! parses the tar and stores contents, so a layer costs about as long as the slower half; the next
 //! [`LAYERS_AHEAD`] layers are decompressed at the same time (into bounded buffers, so memory
 //! does not grow with the layers' sizes) while the layers are still applied strictly in order.
 //!
@@ -329,7 +329,8 @@ struct Run<'a> {
 /// A layer whose decompressing thread runs.
 struct Started<'scope> {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-    producer: std::thread::ScopedJoinHandle<'scope, Option<oci_spec::image::Digest>>,
+    producer: std::thread::ScopedJoinHandle<'scope, ()>,
+    hasher: Hasher,
     bar: indicatif::ProgressBar,
 }
 
@@ -380,9 +381,13 @@ fn start_layer<'scope>(
     }
     let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
     let compression = layer.compression;
-    let producer =
-        scope.spawn(move || produce(input, compression, hasher, run.used, run.max_size, tx));
-    Ok(Started { rx, producer, bar })
+    let producer = scope.spawn(move || produce(input, compression, run.used, run.max_size, tx));
+    Ok(Started {
+        rx,
+        producer,
+        hasher,
+        bar,
+    })
 }
 
 /// Marks the size cap in an I/O error crossing from the decompressing thread.
@@ -415,9 +420,11 @@ impl<R: Read> Read for ProgressRead<R> {
     }
 }
 
-/// The parsing side of the channel.
+/// The parsing side of the channel. It hashes the stream for the DiffID as the chunks come:
+/// the decompressing thread has the most work, so the hash is done on this one.
 struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    hasher: Hasher,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -427,6 +434,7 @@ impl Read for ChannelReader {
         while self.pos == self.buf.len() {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
+                    self.hasher.update(&chunk);
                     self.buf = chunk;
                     self.pos = 0;
                 }
@@ -442,16 +450,15 @@ impl Read for ChannelReader {
     }
 }
 
-/// The decompressing side: decompresses to the end of the stream, hashing and counting, and
-/// hands the bytes over. Returns the DiffID if it reached the end without error.
+/// The decompressing side: decompresses to the end of the stream, counting, and hands the
+/// bytes over. An error goes down the channel; the channel's end is the stream's.
 fn produce(
     input: impl BufRead,
     compression: Compression,
-    mut hasher: Hasher,
     used: &AtomicU64,
     max_size: u64,
     tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
-) -> Option<oci_spec::image::Digest> {
+) {
     let mut dec: Box<dyn Read> = match compression {
         Compression::None => Box::new(input),
         Compression::Gzip => Box::new(MultiGzDecoder::new(input)),
@@ -459,7 +466,7 @@ fn produce(
             Ok(d) => Box::new(d),
             Err(e) => {
                 let _ = tx.send(Err(e));
-                return None;
+                return;
             }
         },
     };
@@ -473,22 +480,21 @@ fn produce(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let _ = tx.send(Err(e));
-                    return None;
+                    return;
                 }
             }
         }
         if n == 0 {
-            return Some(hasher.finish());
+            return;
         }
         buf.truncate(n);
-        hasher.update(&buf);
         if used.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > max_size {
             let _ = tx.send(Err(io::Error::other(CapPassed)));
-            return None;
+            return;
         }
         if tx.send(Ok(buf)).is_err() {
             // The parser stopped (on an error of its own).
-            return None;
+            return;
         }
     }
 }
@@ -559,29 +565,36 @@ fn lossy(b: &[u8]) -> String {
 impl LayerCx<'_> {
     /// Parses a started layer's tar stream into the tree, then checks its DiffID.
     fn finish_layer(&mut self, layer: &Layer, started: Started<'_>) -> Result<(), FlattenError> {
-        let Started { rx, producer, bar } = started;
+        let Started {
+            rx,
+            producer,
+            hasher,
+            bar,
+        } = started;
         let mut tr = TarReader::new(ChannelReader {
             rx,
+            hasher,
             buf: Vec::new(),
             pos: 0,
         });
         let mut parsed = self.apply_entries(&mut tr);
+        let mut rest = tr.into_inner();
         if parsed.is_ok() {
             // The DiffID covers the whole stream, past the end of the archive.
-            let mut rest = tr.into_inner();
             parsed = io::copy(&mut rest, &mut io::sink())
                 .map(drop)
                 .map_err(|e| self.read_error(ReadError::Io(e)));
-        } else {
-            // Dropping the receiver stops the producer.
-            drop(tr);
         }
-        let diff_id = producer
+        let ChannelReader { rx, hasher, .. } = rest;
+        // Dropping the receiver stops the producer if it still runs (after an error here).
+        drop(rx);
+        producer
             .join()
             .expect("the decompressing thread does not panic");
         bar.finish_and_clear();
         parsed?;
-        let actual = diff_id.expect("the stream was read to its end without error");
+        // The stream was read to its end without error: all of it went through the hasher.
+        let actual = hasher.finish();
         if actual != layer.diff_id {
             return Err(FlattenError::DiffId {
                 digest: self.digest.clone(),

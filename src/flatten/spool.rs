@@ -2,8 +2,9 @@
 //!
 //! One file rather than one file per content: a layer holds tens of thousands of small files,
 //! and one file costs one `open` for the whole image instead of an `open`, `write` and `close`
-//! per content (and as many inodes in the cache). Contents are deduplicated by sha256, so a
-//! file rewritten unchanged by a later layer, or present in several layers, is stored once.
+//! per content (and as many inodes in the cache). Contents are deduplicated (see
+//! [`SpoolWriter`]), so a file rewritten unchanged by a later layer, or present in several
+//! layers, is stored once.
 //! The file is anonymous (`O_TMPFILE` where the kernel has it, else unlinked at once), so it
 //! disappears with the tree, even if the process is killed; it is never fsynced (it is scratch
 //! data) and never named by an image path.
@@ -14,7 +15,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
+use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use super::tree::Content;
 
@@ -31,11 +32,17 @@ pub(crate) enum CopyError {
 }
 
 /// The spool while a tree is being built.
+///
+/// Contents are indexed by length and XXH3-128, which costs a tenth of a sha256 (the layer's
+/// bytes are already hashed once for the DiffID). A non-cryptographic hash can be made to
+/// collide on purpose, so a hit is only taken after the stored bytes compare equal: two
+/// different contents never share a copy.
 pub(crate) struct SpoolWriter {
     w: BufWriter<File>,
     len: u64,
-    index: HashMap<[u8; 32], u64>,
+    index: HashMap<(u64, u128), u64>,
     buf: Vec<u8>,
+    other: Vec<u8>,
 }
 
 impl SpoolWriter {
@@ -46,6 +53,7 @@ impl SpoolWriter {
             len: 0,
             index: HashMap::new(),
             buf: Vec::new(),
+            other: Vec::new(),
         })
     }
 
@@ -54,26 +62,20 @@ impl SpoolWriter {
         if len <= SMALL {
             self.buf.resize(len as usize, 0);
             r.read_exact(&mut self.buf).map_err(CopyError::Read)?;
-            let sha256: [u8; 32] = Sha256::digest(&self.buf).into();
-            if let Some(&offset) = self.index.get(&sha256) {
-                return Ok(Content {
-                    offset,
-                    len,
-                    sha256,
-                });
+            let hash = xxh3_128(&self.buf);
+            if let Some(&offset) = self.index.get(&(len, hash)) {
+                if self.stored_equals(offset, None).map_err(CopyError::Write)? {
+                    return Ok(Content { offset, len, hash });
+                }
             }
             let offset = self.len;
             self.w.write_all(&self.buf).map_err(CopyError::Write)?;
             self.len += len;
-            self.index.insert(sha256, offset);
-            return Ok(Content {
-                offset,
-                len,
-                sha256,
-            });
+            self.index.entry((len, hash)).or_insert(offset);
+            return Ok(Content { offset, len, hash });
         }
         let start = self.len;
-        let mut hasher = Sha256::new();
+        let mut hasher = Xxh3::new();
         self.buf.resize(CHUNK, 0);
         let mut left = len;
         while left > 0 {
@@ -104,29 +106,59 @@ impl SpoolWriter {
                 }
             }
         }
-        let sha256: [u8; 32] = hasher.finalize().into();
-        if let Some(&offset) = self.index.get(&sha256) {
-            // Written for nothing: take it back.
-            let mut rewind = || -> io::Result<()> {
-                self.w.flush()?;
-                self.w.get_ref().set_len(start)?;
-                self.w.seek(SeekFrom::Start(start))?;
-                Ok(())
-            };
-            rewind().map_err(CopyError::Write)?;
-            return Ok(Content {
-                offset,
-                len,
-                sha256,
-            });
-        }
         self.len = start + len;
-        self.index.insert(sha256, start);
+        let hash = hasher.digest128();
+        if let Some(&offset) = self.index.get(&(len, hash)) {
+            if self
+                .stored_equals(offset, Some(start))
+                .map_err(CopyError::Write)?
+            {
+                // Written for nothing: take it back.
+                self.w.get_ref().set_len(start).map_err(CopyError::Write)?;
+                self.w
+                    .seek(SeekFrom::Start(start))
+                    .map_err(CopyError::Write)?;
+                self.len = start;
+                return Ok(Content { offset, len, hash });
+            }
+        }
+        self.index.entry((len, hash)).or_insert(start);
         Ok(Content {
             offset: start,
             len,
-            sha256,
+            hash,
         })
+    }
+
+    /// Whether the stored content at `offset` holds the same bytes as the one just read: the
+    /// small content in `buf` (`new` is `None`), or the one just written from `new` to the
+    /// spool's end. Both have the same length, the index's key.
+    fn stored_equals(&mut self, offset: u64, new: Option<u64>) -> io::Result<bool> {
+        self.w.flush()?;
+        let file = self.w.get_ref();
+        match new {
+            None => {
+                self.other.resize(self.buf.len(), 0);
+                file.read_exact_at(&mut self.other, offset)?;
+                Ok(self.other == self.buf)
+            }
+            Some(new) => {
+                let total = self.len - new;
+                self.other.resize(CHUNK, 0);
+                self.buf.resize(CHUNK, 0);
+                let mut done = 0;
+                while done < total {
+                    let n = (total - done).min(CHUNK as u64) as usize;
+                    file.read_exact_at(&mut self.buf[..n], new + done)?;
+                    file.read_exact_at(&mut self.other[..n], offset + done)?;
+                    if self.buf[..n] != self.other[..n] {
+                        return Ok(false);
+                    }
+                    done += n as u64;
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Bytes stored so far.
@@ -159,6 +191,11 @@ impl Spool {
             pos: c.offset,
             end: c.offset + c.len,
         }
+    }
+
+    /// Another handle on the spool file, for positioned reads from other threads.
+    pub(crate) fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Bytes stored (each distinct content once).
@@ -225,5 +262,41 @@ mod tests {
         assert_eq!(read(&e), b"world");
         // Nothing named is left in the spool directory.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A hash collision (forged here in the index) never shares a copy: the bytes are
+    /// compared first, and the new content gets its own.
+    #[test]
+    fn colliding_hashes_keep_both_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SpoolWriter::new(dir.path()).unwrap();
+        let small = s.add(&b"hello"[..], 5).unwrap();
+        s.index.insert((5, xxh3_128(b"world")), small.offset);
+        let world = s.add(&b"world"[..], 5).unwrap();
+        assert_ne!(world.offset, small.offset);
+
+        let big_a = vec![1u8; SMALL as usize + 3];
+        let mut big_b = big_a.clone();
+        *big_b.last_mut().unwrap() = 2;
+        let a = s.add(&big_a[..], big_a.len() as u64).unwrap();
+        s.index
+            .insert((big_b.len() as u64, xxh3_128(&big_b)), a.offset);
+        let b = s.add(&big_b[..], big_b.len() as u64).unwrap();
+        assert_ne!(b.offset, a.offset);
+        // A true duplicate is still shared.
+        let again = s.add(&big_a[..], big_a.len() as u64).unwrap();
+        assert_eq!(again.offset, a.offset);
+        assert_eq!(s.stored(), 10 + 2 * big_a.len() as u64);
+
+        let spool = s.finish().unwrap();
+        let read = |c: &Content| {
+            let mut v = Vec::new();
+            spool.open(c).read_to_end(&mut v).unwrap();
+            v
+        };
+        assert_eq!(read(&small), b"hello");
+        assert_eq!(read(&world), b"world");
+        assert_eq!(read(&a), big_a);
+        assert_eq!(read(&b), big_b);
     }
 }

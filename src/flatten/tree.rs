@@ -9,18 +9,20 @@ use super::spool::{ContentReader, Spool};
 /// Most symlinks followed in one lookup (Linux's `MAXSYMLINKS`).
 pub const MAX_SYMLINKS: u32 = 40;
 
-/// A regular file's contents, stored in the tree's spool. Two contents are equal when their
-/// bytes are (same size and sha256), wherever they are stored.
+/// A regular file's contents, stored in the tree's spool. Two contents are equal when they
+/// have the same size and XXH3-128, wherever they are stored: a check for tests and tools
+/// comparing trees, not a proof against crafted collisions (the spool compares bytes before
+/// it shares a copy).
 #[derive(Debug, Clone, Copy)]
 pub struct Content {
     pub(crate) offset: u64,
     pub(crate) len: u64,
-    pub(crate) sha256: [u8; 32],
+    pub(crate) hash: u128,
 }
 
 impl PartialEq for Content {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.sha256 == other.sha256
+        self.len == other.len && self.hash == other.hash
     }
 }
 
@@ -29,7 +31,7 @@ impl Eq for Content {}
 impl std::hash::Hash for Content {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.len.hash(state);
-        self.sha256.hash(state);
+        self.hash.hash(state);
     }
 }
 
@@ -42,11 +44,6 @@ impl Content {
     /// Whether the file is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// sha256 of the contents.
-    pub fn sha256(&self) -> &[u8; 32] {
-        &self.sha256
     }
 }
 
@@ -486,6 +483,12 @@ impl Tree {
         let mut w = Walk::new(path.split(|b| *b == b'/'));
         self.nodes.walk(&mut w, true).ok()?;
         self.get(&w.cur)
+    }
+
+    /// Another handle on the file that holds the contents, for positioned reads at a
+    /// content's offset on other threads.
+    pub(crate) fn spool_file(&self) -> std::io::Result<std::fs::File> {
+        self.spool.try_clone_file()
     }
 
     /// Reads a file's contents.
