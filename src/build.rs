@@ -197,30 +197,39 @@ pub async fn build(
         rootfs::check_layout(req.rootfs)?;
     }
     // The kernel decides the platform, and an unusable kernel or destination is better found
-    // before any download.
-    let kernel = match req.format {
-        Format::Tar => None,
+    // before any download. The kernel loads (a bzImage's vmlinux decompressed, or read from
+    // the cache) while the image is resolved: its first bytes tell the platform.
+    let (chosen, mut loading, sniffed) = match req.format {
+        Format::Tar => (None, None, None),
         _ => {
             let chosen = kernel::discover(req.kernel.as_deref())?;
+            let sniffed = sniff_kernel(&chosen.path);
             let path = chosen.path.clone();
             let cache = cache.clone();
-            let (k, digest) = tokio::task::spawn_blocking(move || {
+            let format = req.format;
+            let task = tokio::task::spawn_blocking(move || {
                 let (mut k, digest) = load_kernel(&path, &cache)?;
                 // The build needs the vmlinux alone; the file's bytes (14 MiB for Debian's
                 // LZ4 bzImage) are kept only as their digest, for the initramfs key.
                 k.image = Vec::new();
-                Ok::<_, kernel::KernelError>((k, digest))
-            })
-            .await
-            .expect("loading the kernel does not panic")?;
-            if req.format == Format::Elf {
-                k.pvh_entry()?;
-            }
-            // One copy of the kernel (its vmlinux is tens of MiB), shared with the build task.
-            Some((chosen, Arc::new(k), digest))
+                if format == Format::Elf {
+                    k.pvh_entry()?;
+                }
+                tracing::debug!(kernel = %path.display(), "the kernel is loaded");
+                // One copy of the kernel (its vmlinux is tens of MiB), shared with the
+                // build task.
+                Ok::<_, kernel::KernelError>((Arc::new(k), digest))
+            });
+            (Some(chosen), Some(task), sniffed)
         }
     };
-    let tsc_khz = match kernel {
+    let mut kernel = None;
+    if req.platform.is_none() && sniffed.is_none() {
+        if let Some(task) = loading.take() {
+            kernel = Some(loaded(task).await?);
+        }
+    }
+    let tsc_khz = match chosen {
         Some(_) => tsc_khz()?,
         None => 0,
     };
@@ -246,21 +255,41 @@ pub async fn build(
     };
 
     let mut resolve = req.resolve.clone();
-    resolve.platform = match (&req.platform, &kernel) {
+    let machine = kernel
+        .as_ref()
+        .map(|(k, _): &(Arc<Kernel>, _)| k.machine)
+        .or(sniffed);
+    resolve.platform = match (&req.platform, machine) {
         (Some(p), _) => p.clone(),
-        (None, Some((_, k, _))) => Platform {
+        (None, Some(m)) => Platform {
             os: "linux".into(),
-            architecture: k.machine.oci_arch().into(),
+            architecture: m.oci_arch().into(),
             variant: None,
         },
         (None, None) => Platform::host(),
     };
-    let img = image::resolve(&req.source, &resolve, cache, progress)
-        .await
-        .map_err(|source| BuildError::Image {
-            source_name: source_name.clone(),
-            source: Box::new(source),
-        })?;
+    let resolving = async {
+        image::resolve(&req.source, &resolve, cache, progress)
+            .await
+            .map_err(|source| BuildError::Image {
+                source_name: source_name.clone(),
+                source: Box::new(source),
+            })
+    };
+    // A kernel that fails to load stops the download.
+    let img = match loading {
+        Some(task) => {
+            let (k, img) = tokio::try_join!(loaded(task), resolving)?;
+            kernel = Some(k);
+            img
+        }
+        None => resolving.await?,
+    };
+    if let (Some((k, _)), Some(m)) = (&kernel, sniffed) {
+        debug_assert_eq!(k.machine, m, "the sniffed machine is the parsed one");
+    }
+    let kernel = chosen.zip(kernel).map(|(c, (k, d))| (c, k, d));
+    tracing::debug!(layers = img.layers.len(), "the image is resolved");
 
     let spool = tempfile::Builder::new()
         .prefix("spool-")
@@ -331,12 +360,14 @@ impl Job {
         let Some((kernel, _)) = self.kernel.clone() else {
             let mut sink = sink.expect("a tar has a sink");
             let tree = self.flatten()?;
+            tracing::debug!("flattened");
             let opts = output::tar::TarOptions {
                 source_date_epoch: self.req.source_date_epoch,
             };
             output::tar::write_tar_with(&tree, &mut sink, &opts)
                 .map_err(|e| out_err(io::Error::other(e)))?;
             let (digest, size) = sink.finish().map_err(out_err)?;
+            tracing::debug!(size, "the tar is written");
             return Ok((digest, size, None));
         };
         let initramfs = self.initramfs(&kernel)?;
@@ -451,6 +482,7 @@ impl Job {
         }
 
         let tree = self.flatten()?;
+        tracing::debug!("flattened");
         let target = plan::Target {
             machine: kernel.machine,
             name: self.req.source.name(),
@@ -486,6 +518,7 @@ impl Job {
             &mut hashed,
         )?;
         let digest = hashed.hasher.finish();
+        tracing::debug!(size = stats.compressed_size, "the initramfs is written");
         drop(tree);
         let memory_mib =
             rootfs::memory_needed(&stats, rootfs::RootfsType::from_cmdline(BAKED_CMDLINE));
@@ -592,51 +625,92 @@ fn sha256_hex(data: &[u8]) -> String {
 fn exe_digest(cache: &Cache) -> Option<String> {
     static EXE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     EXE.get_or_init(|| {
-        use std::os::unix::fs::MetadataExt;
         let path = std::env::current_exe().ok()?;
         let file = std::fs::File::open(&path).ok()?;
-        // Hashing the binary (tens of MiB) would be most of a warm rebuild: the digest is kept
-        // under the file's identity and change times, as git's index keeps a file's.
-        let m = file.metadata().ok()?;
-        let stamp = format!(
-            "{} {} {} {} {}.{} {}.{}",
-            path.display(),
-            m.dev(),
-            m.ino(),
-            m.len(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        );
-        let record = cache.root().join("exe").join(sha256_hex(stamp.as_bytes()));
-        if let Ok(text) = std::fs::read_to_string(&record) {
-            if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Some(text);
-            }
-        }
-        let like: Digest =
-            "sha256:0000000000000000000000000000000000000000000000000000000000000000"
-                .parse()
-                .expect("a valid digest");
-        let (d, _) = crate::cache::digest_reader(io::BufReader::new(file), &like).ok()?;
-        let digest = d.digest().to_string();
-        // A record that cannot be written costs the next build the hashing, nothing more.
-        let _ = cache.put_record(&record, &digest);
-        Some(digest)
+        let meta = file.metadata().ok()?;
+        recorded_digest(cache, &path, &meta, || {
+            let like: Digest =
+                "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                    .parse()
+                    .expect("a valid digest");
+            let (d, _) = crate::cache::digest_reader(io::BufReader::new(file), &like).ok()?;
+            Some(d.digest().to_string())
+        })
     })
     .clone()
+}
+
+/// The sha256 (hex) of the file at `path` whose metadata is `meta`, from a record kept under
+/// the file's identity and change times, as git's index keeps a file's; `compute` hashes it
+/// when there is no record yet. Hashing the binary or the kernel (tens of MiB) would be much
+/// of a warm rebuild.
+fn recorded_digest(
+    cache: &Cache,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    compute: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = format!(
+        "{} {} {} {} {}.{} {}.{}",
+        path.display(),
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let record = cache
+        .root()
+        .join("digests")
+        .join(sha256_hex(stamp.as_bytes()));
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(text);
+        }
+    }
+    let digest = compute()?;
+    // A record that cannot be written costs the next build the hashing, nothing more.
+    let _ = cache.put_record(&record, &digest);
+    Some(digest)
+}
+
+/// The kernel's architecture from its first bytes, if they tell it (see
+/// [`kernel::sniff_machine`]).
+fn sniff_kernel(path: &Path) -> Option<kernel::Machine> {
+    use io::Read as _;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .ok()?;
+    kernel::sniff_machine(&head)
+}
+
+/// A kernel loaded by [`build`]'s blocking task.
+type Loaded = (Arc<Kernel>, String);
+
+async fn loaded(
+    task: tokio::task::JoinHandle<Result<Loaded, kernel::KernelError>>,
+) -> Result<Loaded, BuildError> {
+    Ok(task.await.expect("loading the kernel does not panic")?)
 }
 
 /// Loads the kernel at `path` and gives it with the sha256 of its file. A compressed bzImage's
 /// vmlinux is kept in the cache (a blob, under an index named by the bzImage's digest), so a
 /// later build of the same kernel reads it instead of decompressing it again.
 fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::KernelError> {
-    let image = std::fs::read(path).map_err(|source| kernel::KernelError::Read {
+    let read_err = |source| kernel::KernelError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    let digest = sha256_hex(&image);
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let mut image = Vec::with_capacity(meta.len() as usize);
+    io::Read::read_to_end(&mut file, &mut image).map_err(read_err)?;
+    let digest = recorded_digest(cache, path, &meta, || Some(sha256_hex(&image)))
+        .expect("computed when not recorded");
     let index = cache.root().join("vmlinux").join(&digest);
     let cached = std::fs::read_to_string(&index).ok().and_then(|text| {
         let (d, len) = text.trim().split_once(' ')?;
@@ -648,6 +722,7 @@ fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::K
         Some(vmlinux) => Kernel::from_bzimage_and_vmlinux(image, vmlinux)?,
         None => {
             let k = Kernel::parse(image)?;
+            tracing::debug!("the kernel is decompressed");
             if let (
                 kernel::ImageFormat::BzImage {
                     compression: Some(_),
@@ -759,7 +834,7 @@ impl Destination {
 
 /// An output being written: a temporary file beside the destination (renamed into place by
 /// [`Sink::finish`], removed if dropped) or standard output; hashes what passes through. A
-/// file is hashed and written by a thread of its own, so that producing the output, hashing
+/// file is written and hashed by threads of their own, so that producing the output, hashing
 /// it and writing it overlap.
 struct Sink {
     inner: SinkInner,
@@ -778,7 +853,8 @@ const SINK_CHUNK: usize = 256 << 10;
 /// Chunks queued for the writing thread.
 const SINK_QUEUE: usize = 4;
 
-/// Writes a temporary file on a thread: chunks go to it through a bounded queue.
+/// Writes a temporary file on a thread, and hashes it on another: chunks go to them through
+/// bounded queues.
 struct FileWriter {
     buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
@@ -788,15 +864,25 @@ struct FileWriter {
 impl FileWriter {
     fn new(mut file: tempfile::NamedTempFile) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SINK_QUEUE);
-        // The thread hashes as well as writes: the producer (flattening, the bake) keeps the
-        // other core.
+        // Writing and hashing each have a thread, the chunks going from one to the other, so
+        // that the producer (flattening, the bake) is the only stage that takes its time.
         let thread = std::thread::spawn(move || {
-            let mut hasher = Hasher::sha256();
-            for chunk in rx {
-                hasher.update(&chunk);
+            let (htx, hrx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SINK_QUEUE);
+            let hashing = std::thread::spawn(move || {
+                let mut hasher = Hasher::sha256();
+                for chunk in hrx {
+                    hasher.update(&chunk);
+                }
+                hasher.finish()
+            });
+            let written = rx.into_iter().try_for_each(|chunk| {
                 file.write_all(&chunk)?;
-            }
-            Ok((file, hasher.finish()))
+                htx.send(chunk)
+                    .map_err(|_| io::Error::other("the hashing thread stopped"))
+            });
+            drop(htx);
+            let digest = hashing.join().expect("the hashing thread does not panic");
+            written.map(|()| (file, digest))
         });
         Self {
             buf: Vec::with_capacity(SINK_CHUNK),

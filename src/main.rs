@@ -382,12 +382,18 @@ fn init_logging(quiet: bool) {
     let default = if quiet { "error" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OCI2UK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+        .with_target(false);
+    // Asked-for logs carry the time since the start, which tells where a build spends it;
+    // warnings and errors alone are plain lines.
+    if std::env::var_os("OCI2UK_LOG").is_some() {
+        fmt.with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        fmt.without_time().init();
+    }
 }
 
 fn finish(r: anyhow::Result<()>) -> ExitCode {

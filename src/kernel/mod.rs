@@ -128,6 +128,32 @@ impl Machine {
     }
 }
 
+/// The architecture of the kernel file whose first bytes are `head` (at least its first 4 KiB),
+/// when those bytes alone tell it as [`Kernel::parse`] would: a bzImage is x86_64, an arm64
+/// Image says so, an ELF vmlinux has its `e_machine`. `None` when the file must be read
+/// further (a gzip-compressed Image) or is no kernel. A build uses this to pick the image's
+/// platform while the kernel is still loading.
+pub fn sniff_machine(head: &[u8]) -> Option<Machine> {
+    if head.starts_with(elf::MAGIC) {
+        // ELFCLASS64, little-endian.
+        if head.get(4..6) != Some(&[2, 1]) {
+            return None;
+        }
+        return match elf::u16_at(head, 18)? {
+            elf::EM_X86_64 => Some(Machine::X86_64),
+            elf::EM_AARCH64 => Some(Machine::Aarch64),
+            _ => None,
+        };
+    }
+    if head.get(setup::HEADER_MAGIC..setup::HEADER_MAGIC + 4) == Some(b"HdrS") {
+        return Some(Machine::X86_64);
+    }
+    if is_arm64_image(head) {
+        return Some(Machine::Aarch64);
+    }
+    None
+}
+
 impl fmt::Display for Machine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

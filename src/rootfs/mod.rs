@@ -27,6 +27,7 @@
 //! directory in the image, or that would replace a directory by a non-directory (or the
 //! reverse), is an error rather than a silent loss of the image's files.
 
+mod ahead;
 mod codec;
 pub mod squashfs;
 

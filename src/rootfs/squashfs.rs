@@ -38,8 +38,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use backhand::compression::{CompressionOptions, Compressor, Zstd};
+use backhand::kind::Kind as SquashKind;
 use backhand::{BackhandError, FilesystemCompressor, FilesystemWriter, NodeHeader};
 
+use super::ahead::{self, Ahead};
 use super::{is_private, lossy, RootfsError};
 use crate::flatten::{InodeId, Kind, Tree};
 
@@ -118,6 +120,17 @@ pub fn write_squashfs(
     opts: &SquashfsOptions,
     file: &mut File,
 ) -> Result<SquashfsStats, RootfsError> {
+    write_squashfs_with(tree, opts, file, true).map(|(stats, _)| stats)
+}
+
+/// [`write_squashfs`], with zstd blocks compressed ahead on other threads or not (`ahead`),
+/// and how that went.
+fn write_squashfs_with(
+    tree: &Tree,
+    opts: &SquashfsOptions,
+    file: &mut File,
+    ahead: bool,
+) -> Result<(SquashfsStats, ahead::AheadStats), RootfsError> {
     let mut fs = FilesystemWriter::default();
     fs.set_block_size(BLOCK_SIZE);
     let time = opts.source_date_epoch.unwrap_or(0);
@@ -207,19 +220,94 @@ pub fn write_squashfs(
         })?;
     }
 
+    // zstd blocks are compressed ahead of the writer on every core (see `ahead`).
+    let ahead = match opts.compression {
+        SquashCompression::Zstd if ahead => {
+            let level = opts.level.unwrap_or(3) as i32;
+            let a = Ahead::leak(level, tree.spool_file()?, predicted_blocks(tree));
+            fs.set_kind(SquashKind::new_v4(a));
+            Some(a)
+        }
+        _ => None,
+    };
+    let workers = match ahead {
+        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get().clamp(2, 9) - 1),
+        None => 0,
+    };
     file.rewind()?;
-    let mut w = BufWriter::with_capacity(1 << 20, &mut *file);
-    let (_, len) = fs.write(&mut w).map_err(|e| match e {
-        // The spool's own read errors come through as I/O errors too.
-        BackhandError::StdIo(e) => RootfsError::Io(e),
-        other => squash_err(other),
-    })?;
-    w.flush()?;
-    drop(w);
+    let written = std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| ahead.expect("workers only with a compressor").work());
+        }
+        let mut w = BufWriter::with_capacity(1 << 20, &mut *file);
+        let written = fs
+            .write(&mut w)
+            .map_err(|e| match e {
+                // The spool's own read errors come through as I/O errors too.
+                BackhandError::StdIo(e) => RootfsError::Io(e),
+                other => squash_err(other),
+            })
+            .and_then(|(_, len)| Ok(w.flush().map(|()| len)?));
+        let made = ahead.map(|a| a.finish()).unwrap_or_default();
+        written.map(|len| (len, made))
+    });
+    let (len, made) = written?;
     file.set_len(len)?;
     file.rewind()?;
     stats.image_size = len;
-    Ok(stats)
+    Ok((stats, made))
+}
+
+/// The blocks the writer will compress, in its order, as `backhand` 0.25's `DataWriter`
+/// makes them. Files go by path as [`Path`] orders them (every path of a hard link group is
+/// a file of its own). A file of at least one block is cut in blocks of [`BLOCK_SIZE`], the
+/// last one partial (blocks of zeros become holes: the workers find those). A shorter,
+/// non-empty file is appended to the fragment block being filled, which is compressed first
+/// when the file does not fit; the last fragment block is compressed after all files.
+fn predicted_blocks(tree: &Tree) -> Vec<ahead::Block> {
+    let bs = u64::from(BLOCK_SIZE);
+    let mut files: Vec<(&Path, crate::flatten::Content)> = tree
+        .entries()
+        .filter(|e| !is_private(e.path))
+        .filter_map(|e| match &e.inode.kind {
+            Kind::File(c) if !c.is_empty() => Some((Path::new(OsStr::from_bytes(e.path)), *c)),
+            _ => None,
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(b.0));
+    let mut blocks = Vec::new();
+    let mut fragment = ahead::Block {
+        ranges: Vec::new(),
+        fragment: true,
+    };
+    for (_, c) in files {
+        if c.len() < bs {
+            if fragment.len() as u64 + c.len() > bs {
+                blocks.push(std::mem::replace(
+                    &mut fragment,
+                    ahead::Block {
+                        ranges: Vec::new(),
+                        fragment: true,
+                    },
+                ));
+            }
+            fragment.ranges.push((c.offset, c.len() as u32));
+            continue;
+        }
+        let mut at = 0;
+        while at < c.len() {
+            let len = (c.len() - at).min(bs);
+            blocks.push(ahead::Block {
+                ranges: vec![(c.offset + at, len as u32)],
+                fragment: false,
+            });
+            at += len;
+        }
+    }
+    if !fragment.ranges.is_empty() {
+        blocks.push(fragment);
+    }
+    blocks
 }
 
 /// uid and gid as the format's 32 bits.

@@ -229,6 +229,59 @@ fn deterministic_and_clamped() {
     assert_eq!(&std::fs::read(a.path()).unwrap()[8..12], &[0; 4]);
 }
 
+/// Blocks compressed ahead on other threads give the very image `backhand` writes alone, and
+/// the prediction of the writer's blocks is exact: every data and fragment block is made
+/// ahead, only metadata is compressed on the spot. The tree has files of one block exactly,
+/// of several blocks with a hole, hard links, paths whose byte order is not their path order,
+/// and enough small files for several fragment blocks.
+#[test]
+fn blocks_made_ahead_give_backhands_own_image() {
+    let mut fx = Fixture::new();
+    let mut big = Vec::new();
+    for i in 0..(BLOCK_SIZE as usize * 3 + 17) {
+        big.push((i * 13 % 253) as u8);
+    }
+    big[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize].fill(0);
+    let exact: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i % 241) as u8).collect();
+    let l1 = fx.layer(|t| {
+        t.file("big", &big)
+            .hardlink("big2", "big")
+            .file("exact", &exact)
+            .file("zeros", &vec![0u8; BLOCK_SIZE as usize * 2])
+            .file("a-b", b"sorts before a/ bytewise")
+            .file("a/b", &big[..5000])
+            .file("empty", b"");
+        for i in 0..400 {
+            let body: Vec<u8> = (0..(700 + i * 3))
+                .map(|j| ((i * 31 + j) % 256) as u8)
+                .collect();
+            t.file(&format!("small/{i:03}"), &body);
+        }
+    });
+    let tree = fx.flatten(&[l1]).unwrap();
+    let opts = SquashfsOptions::default();
+    let mut plain = tempfile::tempfile().unwrap();
+    let (plain_stats, none) = write_squashfs_with(&tree, &opts, &mut plain, false).unwrap();
+    assert_eq!(none, ahead::AheadStats::default());
+    let mut fast = tempfile::tempfile().unwrap();
+    let (fast_stats, made) = write_squashfs_with(&tree, &opts, &mut fast, true).unwrap();
+    assert_eq!(plain_stats, fast_stats);
+    let read = |mut f: File| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    assert!(read(plain) == read(fast), "the images differ");
+    assert!(made.predicted > 6, "{made:?}");
+    // The blocks of zeros (one in each of big and big2, two in zeros) are holes.
+    assert_eq!(
+        made.made_ahead,
+        made.predicted - 4,
+        "{made:?}: all but the zero blocks"
+    );
+    assert!(made.made_on_the_spot < 10, "{made:?}: metadata only");
+}
+
 #[test]
 fn an_empty_tree_is_a_root() {
     let fx = Fixture::new();
