@@ -343,12 +343,14 @@ struct Job {
     progress: Progress,
 }
 
-/// An initramfs ready to bake: a verified blob of the cache, its length and the guest memory
-/// the image needs.
+/// An initramfs ready to bake: a verified blob of the cache, its digest and length, the guest
+/// memory the image needs, and the key it is kept under (none when the build cannot be keyed).
 struct Initramfs {
     path: PathBuf,
+    digest: String,
     len: u64,
     memory_mib: u64,
+    key: Option<String>,
 }
 
 impl Job {
@@ -374,19 +376,63 @@ impl Job {
         let Some(mut sink) = sink else {
             return self.bundle(&kernel, &initramfs);
         };
+        let memory = Some(initramfs.memory_mib);
+        if self.req.format == Format::Initrd {
+            // The output is the cached blob itself, whose digest is known.
+            let digest = initramfs.digest.parse().map_err(|_| {
+                out_err(io::Error::other(format!(
+                    "the initramfs record holds an invalid digest {:?}",
+                    initramfs.digest
+                )))
+            })?;
+            let (digest, size) = sink.copy_from(&initramfs.path, digest).map_err(out_err)?;
+            return Ok((digest, size, memory));
+        }
+        let cmdline = baked_cmdline(initramfs.memory_mib, self.tsc_khz);
+        // A baked file is kept in the cache too, under the initramfs key and the command
+        // line: a warm rebuild copies it instead of baking and hashing tens of MiB again.
+        let record = initramfs.key.as_ref().map(|key| {
+            let id = sha256_hex(format!("oci2uk baked file 1\n{key}\n{cmdline}\n").as_bytes());
+            self.cache.root().join("baked").join(id)
+        });
+        if let Some((digest, path)) = record.as_deref().and_then(|r| self.cached_blob(r)) {
+            tracing::debug!(%digest, "the baked file is in the cache");
+            let (digest, size) = sink.copy_from(&path, digest).map_err(out_err)?;
+            return Ok((digest, size, memory));
+        }
         let file = std::fs::File::open(&initramfs.path).map_err(|source| BuildError::Output {
             path: initramfs.path.display().to_string(),
             source,
         })?;
-        let mut reader = io::BufReader::with_capacity(1 << 20, file);
-        if self.req.format == Format::Initrd {
-            io::copy(&mut reader, &mut sink).map_err(&out_err)?;
-        } else {
-            let cmdline = baked_cmdline(initramfs.memory_mib, self.tsc_khz);
-            bake::bake(&kernel, reader, initramfs.len, &cmdline, &mut sink)?;
-        }
+        let reader = io::BufReader::with_capacity(1 << 20, file);
+        bake::bake(&kernel, reader, initramfs.len, &cmdline, &mut sink)?;
+        let dest = sink.dest_path();
         let (digest, size) = sink.finish().map_err(out_err)?;
-        Ok((digest, size, Some(initramfs.memory_mib)))
+        if let (Some(record), Some(dest)) = (record, dest) {
+            // A file that cannot be kept costs the next build a bake, nothing more.
+            let kept = self
+                .cache
+                .put_file(&dest, &digest)
+                .map_err(|e| e.to_string());
+            let kept = kept.and_then(|_| {
+                self.cache
+                    .put_record(&record, &format!("{digest} {size}"))
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(error) = kept {
+                tracing::debug!(%error, "cannot keep the baked file in the cache");
+            }
+        }
+        Ok((digest, size, memory))
+    }
+
+    /// The blob a `DIGEST SIZE` record names, if it is in the cache (verified).
+    fn cached_blob(&self, record: &Path) -> Option<(Digest, PathBuf)> {
+        let text = std::fs::read_to_string(record).ok()?;
+        let (digest, size) = text.trim().split_once(' ')?;
+        let digest: Digest = digest.parse().ok()?;
+        let path = self.cache.get(&digest, size.parse().ok()?).ok()??;
+        Some((digest, path))
     }
 
     fn flatten(&self) -> Result<Tree, BuildError> {
@@ -475,8 +521,10 @@ impl Job {
                 tracing::debug!(%key, initramfs = %entry.initramfs, "the initramfs is in the cache");
                 return Ok(Initramfs {
                     path,
+                    digest: entry.initramfs,
                     len: entry.size,
                     memory_mib: entry.memory_mib,
+                    key: Some(key.clone()),
                 });
             }
         }
@@ -534,8 +582,10 @@ impl Job {
             .put_rootfs(key.as_deref(), file, &digest, &entry)?;
         Ok(Initramfs {
             path,
+            digest: digest.to_string(),
             len: stats.compressed_size,
             memory_mib,
+            key,
         })
     }
 
@@ -971,6 +1021,37 @@ impl Sink {
             hasher: Hasher::sha256(),
             size: 0,
         })
+    }
+
+    /// The file this output becomes, once finished (none for standard output).
+    fn dest_path(&self) -> Option<PathBuf> {
+        match &self.inner {
+            SinkInner::File { dest, .. } => Some(dest.clone()),
+            SinkInner::Stdout(_) => None,
+        }
+    }
+
+    /// Finishes an output that is a copy of the file `src`, whose sha256 is known, made by the
+    /// kernel (`copy_file_range`, or a reflink) rather than through memory and the hasher.
+    /// Nothing may have been written to the output before.
+    fn copy_from(self, src: &Path, digest: Digest) -> io::Result<(Digest, u64)> {
+        debug_assert_eq!(self.size, 0, "a copy is the whole output");
+        let mut from = std::fs::File::open(src)?;
+        let size = match self.inner {
+            SinkInner::Stdout(mut w) => {
+                let n = io::copy(&mut from, &mut w)?;
+                w.flush()?;
+                n
+            }
+            SinkInner::File { file, dest } => {
+                let (mut tmp, _) = file.finish()?;
+                let n = io::copy(&mut from, tmp.as_file_mut())?;
+                set_default_mode(tmp.as_file())?;
+                tmp.persist(&dest).map_err(|e| e.error)?;
+                n
+            }
+        };
+        Ok((digest, size))
     }
 
     fn finish(self) -> io::Result<(Digest, u64)> {

@@ -250,6 +250,27 @@ impl Cache {
         Ok((digest, path))
     }
 
+    /// Stores a copy of the file `src`, whose sha256 the caller computed as it wrote it, as a
+    /// blob, and returns its path. The copy is made by the kernel (`copy_file_range`, a
+    /// reflink where the file system has them), not through memory.
+    pub fn put_file(&self, src: &Path, digest: &Digest) -> Result<PathBuf, CacheError> {
+        let io_err = |source| CacheError::Io {
+            path: src.to_path_buf(),
+            source,
+        };
+        let mut from = File::open(src).map_err(io_err)?;
+        let size = from.metadata().map_err(io_err)?.len();
+        let mut w = self.writer(digest, size)?;
+        let copied = io::copy(&mut from, w.file.get_mut().as_file_mut()).map_err(io_err)?;
+        if copied != size {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file changed while it was copied",
+            )));
+        }
+        w.persist()
+    }
+
     /// Copies a verified blob from `r` into the cache and returns its path.
     pub fn put_reader(
         &self,

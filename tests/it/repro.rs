@@ -147,6 +147,39 @@ fn elf_is_reproducible() {
     epoch_changes("elf", sha);
 }
 
+/// A warm ELF build copies the baked file the cold one kept; a kept file that was damaged is
+/// found out (the cache checks it) and baked again, to the same bytes.
+#[test]
+fn a_kept_baked_file_is_reused_and_checked() {
+    let s = Scratch::new();
+    let cache = s.path().join("cache");
+    let cold = build(s.path(), &cache, "elf", "cold", None);
+    assert!(!cold.stderr.contains("the baked file is in the cache"));
+    let warm = build(s.path(), &cache, "elf", "warm", None);
+    assert!(
+        warm.stderr.contains("the baked file is in the cache"),
+        "{}",
+        warm.stderr
+    );
+    assert_eq!(warm.sha256, cold.sha256);
+    let kept = cache
+        .join("blobs/sha256")
+        .join(cold.sha256.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&kept).expect("the baked file is a blob");
+    bytes[4096] ^= 0xff;
+    std::fs::write(&kept, &bytes).unwrap();
+    let again = build(s.path(), &cache, "elf", "again", None);
+    assert!(
+        !again.stderr.contains("the baked file is in the cache"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(again.sha256, cold.sha256, "baked again, to the same bytes");
+    let fourth = build(s.path(), &cache, "elf", "fourth", None);
+    assert!(fourth.stderr.contains("the baked file is in the cache"));
+    assert_eq!(fourth.sha256, cold.sha256);
+}
+
 /// With a warm cache, a new SOURCE_DATE_EPOCH must not reuse the initramfs made for another:
 /// each epoch gives its own bytes, equal to a cold build's with that epoch.
 fn epoch_changes(format: &str, plain: String) {
