@@ -2,7 +2,9 @@
 //! `oci:DIR:TAG`, `docker-archive:F:REPO:TAG`.
 //!
 //! Beyond not panicking: a registry reference that parses prints as a name that parses back
-//! to the same reference (the normalised name is what `--json` reports as `source`).
+//! to the same reference (the normalised name is what `--json` reports as `source`), and an
+//! ASCII reference parses as oci-spec parses it (which oci2uk further refuses uppercase
+//! repositories and digests that oci-spec's `Digest` refuses).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = is_loopback_host(s);
+    if s.is_ascii() {
+        agrees_with_oci_spec(s);
+    }
     let Ok(source) = s.parse::<Source>() else {
         return;
     };
@@ -45,3 +50,25 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+fn agrees_with_oci_spec(s: &str) {
+    use oci_spec::distribution::Reference;
+    let theirs = s.parse::<Reference>();
+    match (s.parse::<ImageRef>(), theirs) {
+        (Ok(ours), Ok(theirs)) => {
+            assert_eq!(ours.registry(), theirs.registry(), "{s:?}");
+            assert_eq!(ours.repository(), theirs.repository(), "{s:?}");
+            assert_eq!(ours.tag(), theirs.tag(), "{s:?}");
+            assert_eq!(ours.digest(), theirs.digest(), "{s:?}");
+        }
+        (Ok(ours), Err(e)) => panic!("{s:?} parses as {ours} but oci-spec says {e}"),
+        (Err(_), Ok(theirs)) => {
+            let upper = theirs.repository().bytes().any(|b| b.is_ascii_uppercase());
+            let bad_digest = theirs
+                .digest()
+                .is_some_and(|d| d.parse::<oci_spec::image::Digest>().is_err());
+            assert!(upper || bad_digest, "{s:?} is refused but oci-spec takes it");
+        }
+        (Err(_), Err(_)) => {}
+    }
+}

@@ -4,7 +4,7 @@
 //! is checked against the blob's first bytes), the uncompressed stream is hashed as it goes
 //! and checked against the layer's DiffID once it has been read to its very end, and the tar
 //! entries are applied to the tree in memory. Regular-file contents go to one anonymous,
-//! append-only spool file in the caller's directory, deduplicated by sha256 and deleted with
+//! append-only spool file in the caller's directory, deduplicated and deleted with
 //! the tree; nothing is ever written at an image path on the host, so a hostile layer cannot
 //! reach outside. The result depends only on the layers: the spool starts empty for every
 //! flattening.

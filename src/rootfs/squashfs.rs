@@ -21,14 +21,14 @@
 //!   [`SquashfsStats::dropped_xattrs`], as the newc initramfs drops them.
 //!
 //! The bytes depend on the tree and the options alone: entries are added in the tree's sorted
-//! order, the superblock time is `SOURCE_DATE_EPOCH` or 0, compression is single-threaded,
-//! and the file is cut to the length the writer reports (its deduplication may leave bytes
-//! past the end).
+//! order, the superblock time is `SOURCE_DATE_EPOCH` or 0, a block's compressed form depends
+//! on its bytes alone whichever thread made it (see `ahead`), and the file is cut to the
+//! length the writer reports (its deduplication may leave bytes past the end).
 //!
 //! Memory: the writer holds one node per path (its path, header and a reader of the spool)
 //! and the compressed inode and directory tables until the end; contents stream from the
-//! spool one block at a time. So it grows with the number of paths (a few hundred bytes each),
-//! not with the image's size.
+//! spool one block at a time (and at most `ahead::WINDOW` blocks ahead of the writer). So it
+//! grows with the number of paths (a few hundred bytes each), not with the image's size.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
