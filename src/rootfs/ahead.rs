@@ -143,20 +143,18 @@ impl Shared {
             if next >= self.blocks.len() {
                 break;
             }
-            match st.done.get(&next) {
+            match st.done.remove(&next) {
                 Some(Done::Zero | Done::Failed) => {
-                    st.done.remove(&next);
                     st.next += 1;
                     self.cond.notify_all();
                 }
-                Some(Done::Compressed { input, .. }) => {
+                Some(Done::Compressed { input, output }) => {
                     if input.as_slice() != bytes {
-                        // Not this block (a fragment, metadata, or a wrong prediction).
+                        // Not this block (metadata, or a wrong prediction): it waits for its
+                        // own call.
+                        st.done.insert(next, Done::Compressed { input, output });
                         break;
                     }
-                    let Some(Done::Compressed { output, .. }) = st.done.remove(&next) else {
-                        unreachable!("matched above")
-                    };
                     st.next += 1;
                     st.hits += 1;
                     self.cond.notify_all();
