@@ -395,7 +395,7 @@ impl Job {
             let id = sha256_hex(format!("oci2uk baked file 1\n{key}\n{cmdline}\n").as_bytes());
             self.cache.root().join("baked").join(id)
         });
-        if let Some((digest, path)) = record.as_deref().and_then(|r| self.cached_blob(r)) {
+        if let Some((digest, path)) = record.as_deref().and_then(|r| cached_blob(&self.cache, r)) {
             tracing::debug!(%digest, "the baked file is in the cache");
             let (digest, size) = sink.copy_from(&path, digest).map_err(out_err)?;
             return Ok((digest, size, memory));
@@ -424,15 +424,6 @@ impl Job {
             }
         }
         Ok((digest, size, memory))
-    }
-
-    /// The blob a `DIGEST SIZE` record names, if it is in the cache (verified).
-    fn cached_blob(&self, record: &Path) -> Option<(Digest, PathBuf)> {
-        let text = std::fs::read_to_string(record).ok()?;
-        let (digest, size) = text.trim().split_once(' ')?;
-        let digest: Digest = digest.parse().ok()?;
-        let path = self.cache.get(&digest, size.parse().ok()?).ok()??;
-        Some((digest, path))
     }
 
     fn flatten(&self) -> Result<Tree, BuildError> {
@@ -762,12 +753,7 @@ fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::K
     let digest = recorded_digest(cache, path, &meta, || Some(sha256_hex(&image)))
         .expect("computed when not recorded");
     let index = cache.root().join("vmlinux").join(&digest);
-    let cached = std::fs::read_to_string(&index).ok().and_then(|text| {
-        let (d, len) = text.trim().split_once(' ')?;
-        let d: Digest = d.parse().ok()?;
-        let path = cache.get(&d, len.parse().ok()?).ok()??;
-        std::fs::read(path).ok()
-    });
+    let cached = cached_blob(cache, &index).and_then(|(_, path)| std::fs::read(path).ok());
     let mut k = match cached {
         Some(vmlinux) => Kernel::from_bzimage_and_vmlinux(image, vmlinux)?,
         None => {
@@ -790,6 +776,16 @@ fn load_kernel(path: &Path, cache: &Cache) -> Result<(Kernel, String), kernel::K
     };
     k.path = Some(path.to_path_buf());
     Ok((k, digest))
+}
+
+/// The blob a `DIGEST SIZE` record names (the kept vmlinux, a kept baked file), if it is in
+/// the cache (verified).
+fn cached_blob(cache: &Cache, record: &Path) -> Option<(Digest, PathBuf)> {
+    let text = std::fs::read_to_string(record).ok()?;
+    let (digest, size) = text.trim().split_once(' ')?;
+    let digest: Digest = digest.parse().ok()?;
+    let path = cache.get(&digest, size.parse().ok()?).ok()??;
+    Some((digest, path))
 }
 
 fn keep_vmlinux(cache: &Cache, index: &Path, vmlinux: &[u8]) -> Result<(), BuildError> {

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
 use backhand::{BackhandError, FilesystemCompressor, SuperBlock};
@@ -119,17 +119,23 @@ impl Shared {
             if st.stop || st.claimed >= self.blocks.len() {
                 return;
             }
-            let i = st.claimed;
-            st.claimed += 1;
-            drop(st);
-            let done = self.make(i);
-            st = self
-                .state
-                .lock()
-                .expect("no thread panics holding the lock");
-            st.done.insert(i, done);
-            self.cond.notify_all();
+            st = self.make_next(st);
         }
+    }
+
+    /// Takes the next block nobody has taken, makes it with the lock released, and files it.
+    fn make_next<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let i = st.claimed;
+        st.claimed += 1;
+        drop(st);
+        let done = self.make(i);
+        let mut st = self
+            .state
+            .lock()
+            .expect("no thread panics holding the lock");
+        st.done.insert(i, done);
+        self.cond.notify_all();
+        st
     }
 
     /// The writer's call: the compressed form of `bytes`.
@@ -163,16 +169,7 @@ impl Shared {
                 None if st.claimed < self.blocks.len() && st.claimed < next + WINDOW => {
                     // Rather than wait for a worker, this thread makes the next block nobody
                     // has taken: this one, or one a little further on.
-                    let i = st.claimed;
-                    st.claimed += 1;
-                    drop(st);
-                    let done = self.make(i);
-                    st = self
-                        .state
-                        .lock()
-                        .expect("no thread panics holding the lock");
-                    st.done.insert(i, done);
-                    self.cond.notify_all();
+                    st = self.make_next(st);
                 }
                 None => {
                     // A worker is making it.
