@@ -81,9 +81,9 @@ mod spool;
 mod tarstream;
 mod tree;
 
-pub use spool::ContentReader;
+pub use spool::{Content, ContentReader};
 pub use tree::ContentCopyError;
-pub use tree::{Content, Entry, Inode, InodeId, Kind, Tree, MAX_SYMLINKS};
+pub use tree::{Entry, Inode, InodeId, Kind, Tree, MAX_SYMLINKS};
 
 use spool::{CopyError, SpoolWriter};
 use tarstream::{EntryType, ReadError, SparseReader, TarReader};

@@ -17,12 +17,48 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
-use super::tree::Content;
-
 /// Contents up to this size are read into memory first, so that a duplicate costs no write.
 const SMALL: u64 = 1 << 20;
 /// Copy buffer for larger contents.
 const CHUNK: usize = 256 * 1024;
+
+/// A regular file's contents, stored in the spool. Two contents are equal when they
+/// have the same size and XXH3-128, wherever they are stored: a check for tests and tools
+/// comparing trees, not a proof against crafted collisions (the spool compares bytes before
+/// it shares a copy).
+#[derive(Debug, Clone, Copy)]
+pub struct Content {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) hash: u128,
+}
+
+impl PartialEq for Content {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.hash == other.hash
+    }
+}
+
+impl Eq for Content {}
+
+impl std::hash::Hash for Content {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.len.hash(state);
+        self.hash.hash(state);
+    }
+}
+
+impl Content {
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
 
 /// Why copying a content failed: reading the layer or writing the spool.
 #[derive(Debug)]

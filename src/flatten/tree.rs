@@ -4,48 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Bound;
 
-use super::spool::{ContentReader, Spool};
+use super::spool::{Content, ContentReader, Spool};
 
 /// Most symlinks followed in one lookup (Linux's `MAXSYMLINKS`).
 pub const MAX_SYMLINKS: u32 = 40;
-
-/// A regular file's contents, stored in the tree's spool. Two contents are equal when they
-/// have the same size and XXH3-128, wherever they are stored: a check for tests and tools
-/// comparing trees, not a proof against crafted collisions (the spool compares bytes before
-/// it shares a copy).
-#[derive(Debug, Clone, Copy)]
-pub struct Content {
-    pub(crate) offset: u64,
-    pub(crate) len: u64,
-    pub(crate) hash: u128,
-}
-
-impl PartialEq for Content {
-    fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.hash == other.hash
-    }
-}
-
-impl Eq for Content {}
-
-impl std::hash::Hash for Content {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.len.hash(state);
-        self.hash.hash(state);
-    }
-}
-
-impl Content {
-    /// Size in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the file is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 /// What an inode is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,10 +4,20 @@
 //! `Bearer realm="...",service="...",scope="..."` sends the client to the realm for a token
 //! (`GET ?service=&scope=`, with basic credentials when there are some, or the OAuth2
 //! refresh-token grant for an identity token), and the token is then sent to the registry.
+//! A token is kept until it expires; a later `401` renews it.
 
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode, Url};
+
+use super::credentials::{Credentials, Secret};
+use super::retry::{self, Failure, Policy, Retrier};
+use super::transport::{self, BodyError, BoundAuth, Payload, SendError, Transport};
+use super::{Cause, RegistryError};
+
+/// Largest token service answer read.
+const MAX_TOKEN_ANSWER: u64 = 1024 * 1024;
 
 /// One authentication challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +210,291 @@ pub(crate) fn basic_header(username: &str, password: &str) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is a valid header value");
     v.set_sensitive(true);
     v
+}
+
+/// The authorization a session sends, and how it got it.
+pub(crate) struct AuthState {
+    /// Bumped on every change, so concurrent requests that got a `401` renew only once.
+    pub generation: u64,
+    header: Option<HeaderValue>,
+    /// When a bearer token stops being used.
+    expires: Option<Instant>,
+    /// How access is attempted, for messages: "anonymously", "with the credentials from X".
+    pub how: String,
+}
+
+impl Default for AuthState {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            header: None,
+            expires: None,
+            how: "anonymously".into(),
+        }
+    }
+}
+
+impl AuthState {
+    /// The `Authorization` value to send now (none once a token has expired), and the
+    /// generation it belongs to.
+    pub fn current(&mut self) -> (u64, Option<HeaderValue>) {
+        if self.expires.is_some_and(|t| Instant::now() >= t) {
+            self.header = None;
+            self.expires = None;
+        }
+        (self.generation, self.header.clone())
+    }
+
+    /// Answers `challenges` with `creds`: a token from the bearer realm, for `scopes` and
+    /// the scope the registry named, or else basic credentials.
+    pub async fn answer(
+        &mut self,
+        challenges: &[Challenge],
+        creds: Option<&Credentials>,
+        mut scopes: Vec<String>,
+        tokens: &TokenClient<'_>,
+    ) -> Result<(), RegistryError> {
+        self.how = match creds {
+            Some(c) => format!("with the credentials from {}", c.origin),
+            None => "anonymously".to_string(),
+        };
+        let bearer = challenges.iter().find_map(|c| match c {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => Some((realm, service, scope)),
+            Challenge::Basic => None,
+        });
+        if let Some((realm, service, scope)) = bearer {
+            // Ours, and the one the registry named if it differs (docker asks for both).
+            if let Some(named) = scope.as_ref().filter(|s| !scopes.contains(s)) {
+                scopes.push(named.clone());
+            }
+            let token = tokens
+                .fetch(realm, service.as_deref(), &scopes, creds, &self.how)
+                .await?;
+            self.header = Some(token.header);
+            self.expires = Some(token.expires);
+        } else if challenges.contains(&Challenge::Basic) {
+            let Some(Credentials {
+                secret: Secret::Basic { username, password },
+                ..
+            }) = creds
+            else {
+                return Err(tokens.denied(self.how.clone()));
+            };
+            self.header = Some(basic_header(username, password));
+            self.expires = None;
+        } else {
+            return Err(tokens.denied(self.how.clone()));
+        }
+        self.generation += 1;
+        Ok(())
+    }
+}
+
+/// What the token flow needs of a session: its transport and retry policy, and the names its
+/// errors give.
+pub(crate) struct TokenClient<'a> {
+    /// Reaches the realm.
+    pub transport: &'a Transport,
+    /// Retries token requests.
+    pub policy: &'a Policy,
+    /// The registry as the reference names it.
+    pub registry: &'a str,
+    /// The repository the session is for.
+    pub repository: &'a str,
+}
+
+/// A token request, ready to send.
+struct TokenRequest {
+    method: Method,
+    url: Url,
+    /// The form of a refresh-token grant (empty for a `GET`).
+    form: Vec<(&'static str, String)>,
+    /// Basic credentials for the realm.
+    basic: Option<HeaderValue>,
+}
+
+impl TokenClient<'_> {
+    /// Gets a token from a bearer realm.
+    pub async fn fetch(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[String],
+        creds: Option<&Credentials>,
+        how: &str,
+    ) -> Result<Token, RegistryError> {
+        let realm = self.realm_url(realm)?;
+        let realm_host = realm.host_str().unwrap_or_default().to_string();
+        let realm_origin = realm.origin().ascii_serialization();
+        let path = realm.path().to_string();
+        let request = token_request(realm, service, scopes, creds);
+        let bound = request.basic.as_ref().map(|value| BoundAuth {
+            origin: &realm_origin,
+            value,
+        });
+        let form: Vec<(&str, &str)> = request.form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut retry = Retrier::new(
+            self.policy,
+            self.registry,
+            format!("fetching a token from {realm_host}"),
+            path.clone(),
+        );
+        loop {
+            let sent = self
+                .transport
+                .send(
+                    request.method.clone(),
+                    request.url.clone(),
+                    &HeaderMap::new(),
+                    bound.as_ref(),
+                    if form.is_empty() {
+                        Payload::Empty
+                    } else {
+                        Payload::Form(form.as_slice())
+                    },
+                )
+                .await;
+            match self.token_answer(sent, &realm_host, &path, how).await {
+                Ok(token) => return Ok(token),
+                Err(failure) => retry.wait(failure).await?,
+            }
+        }
+    }
+
+    /// The realm as a URL, refused unless it is HTTPS (or plain HTTP where that is allowed).
+    fn realm_url(&self, realm: &str) -> Result<Url, RegistryError> {
+        let url = Url::parse(realm)
+            .map_err(|_| self.auth_error("its token realm is not a valid URL".into()))?;
+        match url.scheme() {
+            "https" => Ok(url),
+            "http" if self.transport.plain_http_allowed(&url) => Ok(url),
+            "http" => Err(self.auth_error(format!(
+                "its token service {} uses plain HTTP (use --insecure to allow it)",
+                url.host_str().unwrap_or_default()
+            ))),
+            _ => Err(self.auth_error("its token realm is not an HTTP URL".into())),
+        }
+    }
+
+    /// Reads the realm's answer to one token request: the token, or why there is none.
+    async fn token_answer(
+        &self,
+        sent: Result<reqwest::Response, SendError>,
+        realm_host: &str,
+        path: &str,
+        how: &str,
+    ) -> Result<Token, Failure> {
+        let mut resp = match sent {
+            Err(SendError::Http(e)) => return Err(Failure::retry(Cause::Http(e))),
+            Err(SendError::Redirect(reason)) => {
+                return Err(Failure::Fatal(RegistryError::Redirect {
+                    registry: realm_host.to_string(),
+                    path: path.to_string(),
+                    reason,
+                }))
+            }
+            Ok(resp) => resp,
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return match transport::read_capped(&mut resp, MAX_TOKEN_ANSWER).await {
+                Ok(body) => parse_token(&body, Instant::now())
+                    .map_err(|reason| Failure::Fatal(self.auth_error(reason))),
+                Err(BodyError::TooLarge) => Err(Failure::Fatal(
+                    self.auth_error("its token service's answer is too large".into()),
+                )),
+                Err(BodyError::Http(e)) => Err(Failure::retry(Cause::Http(e))),
+            };
+        }
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(Failure::Fatal(
+                self.denied(format!("the token service refused access {how}")),
+            ));
+        }
+        if retry::retryable_status(status) {
+            return Err(Failure::status(resp).await);
+        }
+        Err(Failure::Fatal(RegistryError::Status {
+            registry: realm_host.to_string(),
+            path: path.to_string(),
+            status,
+            detail: transport::error_detail(resp).await,
+        }))
+    }
+
+    fn auth_error(&self, reason: String) -> RegistryError {
+        RegistryError::Auth {
+            registry: self.registry.to_string(),
+            reason,
+        }
+    }
+
+    /// Access refused, after asking `how`.
+    pub fn denied(&self, how: String) -> RegistryError {
+        RegistryError::Denied {
+            registry: self.registry.to_string(),
+            repository: self.repository.to_string(),
+            how,
+        }
+    }
+}
+
+/// The request for a token for `scopes`: the OAuth2 refresh-token grant (a `POST`) for an
+/// identity token, else a `GET` with the scopes in the query and basic credentials when there
+/// are some.
+fn token_request(
+    mut url: Url,
+    service: Option<&str>,
+    scopes: &[String],
+    creds: Option<&Credentials>,
+) -> TokenRequest {
+    match creds.map(|c| &c.secret) {
+        Some(Secret::IdentityToken(refresh)) => {
+            let mut form = vec![
+                ("grant_type", "refresh_token".to_string()),
+                ("refresh_token", refresh.clone()),
+                ("client_id", "oci2uk".to_string()),
+                ("access_type", "offline".to_string()),
+                ("scope", scopes.join(" ")),
+            ];
+            if let Some(s) = service {
+                form.push(("service", s.to_string()));
+            }
+            TokenRequest {
+                method: Method::POST,
+                url,
+                form,
+                basic: None,
+            }
+        }
+        secret => {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+            let basic = match secret {
+                Some(Secret::Basic { username, password }) => {
+                    q.append_pair("account", username);
+                    Some(basic_header(username, password))
+                }
+                _ => None,
+            };
+            drop(q);
+            TokenRequest {
+                method: Method::GET,
+                url,
+                form: Vec::new(),
+                basic,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,24 +12,23 @@
 //!   whole blob instead restarts it. A blob that fails verification is fetched once more from
 //!   scratch before giving up.
 
+mod ping;
 mod upload;
 
+use ping::Ping;
 pub use upload::BlobPush;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{LazyLock, Mutex};
-use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::ProgressBar;
 use oci_spec::image::Digest;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response, StatusCode, Url};
 
-use super::auth::{self, Challenge, Token};
-use super::credentials::{self, Credentials, Secret};
-use super::retry::{self, Policy};
-use super::transport::{self, BoundAuth, Payload, ReadError, SendError, Transport};
+use super::auth::{self, AuthState, Challenge, TokenClient};
+use super::credentials::{self, Credentials};
+use super::retry::{self, Failure, Policy, Retrier};
+use super::transport::{self, BodyError, BoundAuth, Payload, SendError, Transport};
 use super::{Cause, RegistryError, RegistryOptions};
 use crate::cache::{BlobWriter, Cache, CacheError, Hasher};
 use crate::image::select::MANIFEST_ACCEPT;
@@ -37,110 +36,11 @@ use crate::image::MAX_DOCUMENT_SIZE;
 use crate::progress::Progress;
 use crate::reference::ImageRef;
 
-/// Largest token service answer read.
-const MAX_TOKEN_ANSWER: u64 = 1024 * 1024;
-
 /// Timings that tests shorten.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tuning {
     /// Retries and backoff.
     pub policy: Policy,
-}
-
-/// Registries (`host:port`) found to speak plain HTTP during this run.
-static PLAIN_HTTP: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-
-/// The outcome of one failed attempt.
-pub(crate) enum Failure {
-    /// Worth another attempt, after `retry_after` if the server said so.
-    Retry {
-        /// What went wrong.
-        cause: Cause,
-        /// The server's `Retry-After`.
-        retry_after: Option<Duration>,
-    },
-    /// Not worth another attempt.
-    Fatal(RegistryError),
-}
-
-impl From<RegistryError> for Failure {
-    fn from(e: RegistryError) -> Self {
-        Self::Fatal(e)
-    }
-}
-
-impl Failure {
-    fn retry(cause: Cause) -> Self {
-        Self::Retry {
-            cause,
-            retry_after: None,
-        }
-    }
-}
-
-/// Counts the failed attempts at one request and waits between them.
-pub(crate) struct Retrier<'a> {
-    policy: &'a Policy,
-    registry: &'a str,
-    what: String,
-    path: String,
-    /// Consecutive failures without progress.
-    failures: u32,
-    /// All failures.
-    total: u32,
-}
-
-impl Retrier<'_> {
-    /// Handles a failed attempt: a fatal one is returned; a retryable one waits and returns
-    /// `Ok` unless the attempts are used up.
-    pub async fn wait(&mut self, f: Failure) -> Result<(), RegistryError> {
-        let (cause, retry_after) = match f {
-            Failure::Fatal(e) => return Err(e),
-            Failure::Retry { cause, retry_after } => (cause, retry_after),
-        };
-        self.failures += 1;
-        self.total += 1;
-        // Progress resets the count (a slow, flaky link still gets there), within a bound.
-        // An untrusted certificate will not become trusted by asking again.
-        if self.failures >= self.policy.attempts
-            || self.total >= self.policy.attempts * 4
-            || !hint_for(&cause).is_empty()
-        {
-            return Err(RegistryError::Exhausted {
-                what: std::mem::take(&mut self.what),
-                registry: self.registry.to_string(),
-                path: std::mem::take(&mut self.path),
-                attempts: self.total,
-                source: cause,
-            });
-        }
-        let delay = self.policy.delay(self.failures, retry_after);
-        tracing::debug!(
-            what = %self.what,
-            path = %self.path,
-            attempt = self.total,
-            delay_ms = delay.as_millis() as u64,
-            cause = %cause,
-            "retrying"
-        );
-        tokio::time::sleep(delay).await;
-        Ok(())
-    }
-
-    /// Notes that the failed attempt still made progress.
-    pub fn progressed(&mut self) {
-        self.failures = 0;
-    }
-}
-
-struct AuthState {
-    /// Bumped on every change, so concurrent requests that got a `401` renew only once.
-    generation: u64,
-    header: Option<HeaderValue>,
-    /// When a bearer token stops being used.
-    expires: Option<Instant>,
-    /// How access is attempted, for messages: "anonymously", "with the credentials from X".
-    how: String,
 }
 
 /// A manifest as fetched.
@@ -200,109 +100,14 @@ impl Session {
         let transport = Transport::new(opts)?;
         let registry = r.registry().to_string();
         let endpoint = r.endpoint().to_string();
-        let root = |scheme: &str| {
-            Url::parse(&format!("{scheme}://{endpoint}/v2/")).map_err(|_| {
-                RegistryError::InvalidEndpoint {
-                    registry: registry.clone(),
-                }
-            })
-        };
-        let may_fall_back = r.is_loopback() || opts.insecure;
-        let remembered = PLAIN_HTTP.lock().expect("not poisoned").contains(&endpoint);
-        let mut scheme = if remembered { "http" } else { "https" };
-        let mut tried_http = remembered;
-        // First contact gives up sooner: a registry that is down or misnamed is more likely
-        // than one that is restarting, and the user should hear about it quickly.
-        let ping_policy = Policy {
-            attempts: tuning.policy.attempts.min(3),
-            ..tuning.policy.clone()
-        };
-        let mut retry = Retrier {
-            policy: &ping_policy,
+        let ping = Ping {
+            transport: &transport,
             registry: &registry,
-            what: "fetching the API root".into(),
-            path: "/v2/".into(),
-            failures: 0,
-            total: 0,
+            endpoint: &endpoint,
+            may_fall_back: r.is_loopback() || opts.insecure,
         };
-        let challenges = loop {
-            let url = root(scheme)?;
-            let mut result = transport
-                .send(
-                    Method::GET,
-                    url.clone(),
-                    &HeaderMap::new(),
-                    None,
-                    Payload::Empty,
-                )
-                .await;
-            if let Err(SendError::Http(_)) = &result {
-                if scheme == "https" && may_fall_back && !tried_http {
-                    tried_http = true;
-                    let plain = transport
-                        .send(
-                            Method::GET,
-                            root("http")?,
-                            &HeaderMap::new(),
-                            None,
-                            Payload::Empty,
-                        )
-                        .await;
-                    if let Ok(resp) = plain {
-                        if answers_as_registry(&resp) {
-                            tracing::info!(%registry, "the registry does not speak TLS: using plain HTTP");
-                            PLAIN_HTTP
-                                .lock()
-                                .expect("not poisoned")
-                                .insert(endpoint.clone());
-                            scheme = "http";
-                            result = Ok(resp);
-                        }
-                    }
-                }
-            }
-            let failure = match result {
-                Ok(resp) if resp.status().is_success() => break Vec::new(),
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                    break auth::challenges(resp.headers())
-                }
-                Ok(resp) if retry::retryable_status(resp.status()) => Failure::Retry {
-                    retry_after: retry::retry_after(resp.headers(), SystemTime::now()),
-                    cause: Cause::Status {
-                        status: resp.status(),
-                        detail: transport::error_detail(resp).await,
-                    },
-                },
-                Ok(resp) => {
-                    return Err(RegistryError::NotARegistry {
-                        registry,
-                        url: url.to_string(),
-                        status: resp.status(),
-                    })
-                }
-                Err(SendError::Http(e)) => Failure::retry(Cause::Http(e)),
-                Err(SendError::Redirect(reason)) => {
-                    return Err(RegistryError::Redirect {
-                        registry,
-                        path: "/v2/".into(),
-                        reason,
-                    })
-                }
-            };
-            if let Err(e) = retry.wait(failure).await {
-                return Err(match e {
-                    RegistryError::Exhausted { source, .. } => RegistryError::Unreachable {
-                        hint: hint_for(&source),
-                        registry: registry.clone(),
-                        url: url.to_string(),
-                        source,
-                    },
-                    other => other,
-                });
-            }
-        };
-        let base = format!("{scheme}://{endpoint}");
-        let origin = root(scheme)?.origin().ascii_serialization();
+        let (scheme, challenges) = ping.run(&tuning.policy).await?;
+        let origin = ping.root(scheme)?.origin().ascii_serialization();
         let session = Self {
             access,
             transport,
@@ -310,15 +115,10 @@ impl Session {
             opts: opts.clone(),
             registry,
             repository: r.repository().to_string(),
-            base,
+            base: format!("{scheme}://{endpoint}"),
             origin,
             creds: tokio::sync::OnceCell::new(),
-            auth: tokio::sync::Mutex::new(AuthState {
-                generation: 0,
-                header: None,
-                expires: None,
-                how: "anonymously".into(),
-            }),
+            auth: tokio::sync::Mutex::new(AuthState::default()),
         };
         if !challenges.is_empty() {
             session.authenticate(0, &challenges).await?;
@@ -327,13 +127,16 @@ impl Session {
     }
 
     fn retrier(&self, what: String, path: &str) -> Retrier<'_> {
-        Retrier {
+        Retrier::new(&self.policy, &self.registry, what, path.to_string())
+    }
+
+    /// What the token flow needs of this session.
+    fn tokens(&self) -> TokenClient<'_> {
+        TokenClient {
+            transport: &self.transport,
             policy: &self.policy,
             registry: &self.registry,
-            what,
-            path: path.to_string(),
-            failures: 0,
-            total: 0,
+            repository: &self.repository,
         }
     }
 
@@ -364,20 +167,12 @@ impl Session {
     }
 
     async fn current_auth(&self) -> (u64, Option<HeaderValue>) {
-        let mut state = self.auth.lock().await;
-        if state.expires.is_some_and(|t| Instant::now() >= t) {
-            state.header = None;
-            state.expires = None;
-        }
-        (state.generation, state.header.clone())
+        self.auth.lock().await.current()
     }
 
     async fn denied(&self) -> RegistryError {
-        RegistryError::Denied {
-            registry: self.registry.clone(),
-            repository: self.repository.clone(),
-            how: self.auth.lock().await.how.clone(),
-        }
+        let how = self.auth.lock().await.how.clone();
+        self.tokens().denied(how)
     }
 
     /// Answers a `401` whose request was made at `generation`; a no-op when another request
@@ -392,190 +187,9 @@ impl Session {
             return Ok(());
         }
         let creds = self.credentials().await?;
-        let how = match creds {
-            Some(c) => format!("with the credentials from {}", c.origin),
-            None => "anonymously".to_string(),
-        };
-        state.how = how.clone();
-        let bearer = challenges.iter().find_map(|c| match c {
-            Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            } => Some((realm, service, scope)),
-            Challenge::Basic => None,
-        });
-        if let Some((realm, service, scope)) = bearer {
-            // Ours, and the one the registry named if it differs (docker asks for both).
-            let mut scopes = self.scopes();
-            if let Some(named) = scope.as_ref().filter(|s| !scopes.contains(s)) {
-                scopes.push(named.clone());
-            }
-            let token = self
-                .fetch_token(realm, service.as_deref(), &scopes, creds, &how)
-                .await?;
-            state.header = Some(token.header);
-            state.expires = Some(token.expires);
-        } else if challenges.contains(&Challenge::Basic) {
-            let Some(Credentials {
-                secret: Secret::Basic { username, password },
-                ..
-            }) = creds
-            else {
-                drop(state);
-                return Err(self.denied().await);
-            };
-            state.header = Some(auth::basic_header(username, password));
-            state.expires = None;
-        } else {
-            drop(state);
-            return Err(self.denied().await);
-        }
-        state.generation += 1;
-        Ok(())
-    }
-
-    /// Gets a token from a bearer realm.
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scopes: &[String],
-        creds: Option<&Credentials>,
-        how: &str,
-    ) -> Result<Token, RegistryError> {
-        let auth_error = |reason: String| RegistryError::Auth {
-            registry: self.registry.clone(),
-            reason,
-        };
-        let realm_url = Url::parse(realm)
-            .map_err(|_| auth_error("its token realm is not a valid URL".into()))?;
-        let realm_host = realm_url.host_str().unwrap_or_default().to_string();
-        match realm_url.scheme() {
-            "https" => {}
-            "http" if self.transport.plain_http_allowed(&realm_url) => {}
-            "http" => {
-                return Err(auth_error(format!(
-                    "its token service {realm_host} uses plain HTTP (use --insecure to allow it)"
-                )))
-            }
-            _ => return Err(auth_error("its token realm is not an HTTP URL".into())),
-        }
-        let realm_origin = realm_url.origin().ascii_serialization();
-        let path = realm_url.path().to_string();
-        let basic;
-        let mut url = realm_url.clone();
-        let scope_list = scopes.join(" ");
-        let mut form: Vec<(&str, &str)> = Vec::new();
-        let method = match creds.map(|c| &c.secret) {
-            Some(Secret::IdentityToken(refresh)) => {
-                form.extend([
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh.as_str()),
-                    ("client_id", "oci2uk"),
-                    ("access_type", "offline"),
-                    ("scope", scope_list.as_str()),
-                ]);
-                if let Some(s) = service {
-                    form.push(("service", s));
-                }
-                basic = None;
-                Method::POST
-            }
-            secret => {
-                let mut q = url.query_pairs_mut();
-                if let Some(s) = service {
-                    q.append_pair("service", s);
-                }
-                for s in scopes {
-                    q.append_pair("scope", s);
-                }
-                basic = match secret {
-                    Some(Secret::Basic { username, password }) => {
-                        q.append_pair("account", username);
-                        Some(auth::basic_header(username, password))
-                    }
-                    _ => None,
-                };
-                drop(q);
-                Method::GET
-            }
-        };
-        let bound = basic.as_ref().map(|value| BoundAuth {
-            origin: &realm_origin,
-            value,
-        });
-        let mut retry = Retrier {
-            policy: &self.policy,
-            registry: &self.registry,
-            what: format!("fetching a token from {realm_host}"),
-            path: path.clone(),
-            failures: 0,
-            total: 0,
-        };
-        loop {
-            let sent = self
-                .transport
-                .send(
-                    method.clone(),
-                    url.clone(),
-                    &HeaderMap::new(),
-                    bound.as_ref(),
-                    if form.is_empty() {
-                        Payload::Empty
-                    } else {
-                        Payload::Form(form.as_slice())
-                    },
-                )
-                .await;
-            let failure = match sent {
-                Err(SendError::Http(e)) => Failure::retry(Cause::Http(e)),
-                Err(SendError::Redirect(reason)) => Failure::Fatal(RegistryError::Redirect {
-                    registry: realm_host.clone(),
-                    path: path.clone(),
-                    reason,
-                }),
-                Ok(mut resp) if resp.status().is_success() => {
-                    match transport::read_capped(&mut resp, MAX_TOKEN_ANSWER).await {
-                        Ok(body) => {
-                            return auth::parse_token(&body, Instant::now()).map_err(auth_error)
-                        }
-                        Err(ReadError::TooLarge) => {
-                            return Err(auth_error(
-                                "its token service's answer is too large".into(),
-                            ))
-                        }
-                        Err(ReadError::Http(e)) => Failure::retry(Cause::Http(e)),
-                    }
-                }
-                Ok(resp)
-                    if matches!(
-                        resp.status(),
-                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                    ) =>
-                {
-                    return Err(RegistryError::Denied {
-                        registry: self.registry.clone(),
-                        repository: self.repository.clone(),
-                        how: format!("the token service refused access {how}"),
-                    })
-                }
-                Ok(resp) if retry::retryable_status(resp.status()) => Failure::Retry {
-                    retry_after: retry::retry_after(resp.headers(), SystemTime::now()),
-                    cause: Cause::Status {
-                        status: resp.status(),
-                        detail: transport::error_detail(resp).await,
-                    },
-                },
-                Ok(resp) => Failure::Fatal(RegistryError::Status {
-                    registry: realm_host.clone(),
-                    path: path.clone(),
-                    status: resp.status(),
-                    detail: transport::error_detail(resp).await,
-                }),
-            };
-            retry.wait(failure).await?;
-        }
+        state
+            .answer(challenges, creds, self.scopes(), &self.tokens())
+            .await
     }
 
     /// One GET on the registry (redirects followed), renewing the authorization once if the
@@ -653,12 +267,7 @@ impl Session {
         let foreign = resp.url().origin().ascii_serialization() != self.origin;
         let auth_status = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
         if retry::retryable_status(status) || (foreign && auth_status) {
-            let retry_after = retry::retry_after(resp.headers(), SystemTime::now());
-            let detail = transport::error_detail(resp).await;
-            return Failure::Retry {
-                cause: Cause::Status { status, detail },
-                retry_after,
-            };
+            return Failure::status(resp).await;
         }
         if auth_status {
             return Failure::Fatal(self.denied().await);
@@ -766,11 +375,11 @@ impl Session {
         let announced = header("docker-content-digest");
         match transport::read_capped(&mut resp, MAX_DOCUMENT_SIZE).await {
             Ok(bytes) => Ok((bytes, content_type, announced)),
-            Err(ReadError::TooLarge) => Err(Failure::Fatal(RegistryError::TooLarge {
+            Err(BodyError::TooLarge) => Err(Failure::Fatal(RegistryError::TooLarge {
                 what: what.to_string(),
                 limit: MAX_DOCUMENT_SIZE,
             })),
-            Err(ReadError::Http(e)) => Err(Failure::retry(Cause::Http(e))),
+            Err(BodyError::Http(e)) => Err(Failure::retry(Cause::Http(e))),
         }
     }
 
@@ -953,14 +562,6 @@ impl From<Failure> for BlobFailure {
     }
 }
 
-/// Whether a plain-HTTP answer comes from a registry (so falling back to it is right).
-fn answers_as_registry(resp: &Response) -> bool {
-    matches!(resp.status(), StatusCode::OK | StatusCode::UNAUTHORIZED)
-        || resp
-            .headers()
-            .contains_key("docker-distribution-api-version")
-}
-
 /// Whether `Content-Range: bytes START-END/TOTAL` answers `bytes=offset-` for a blob of `size`.
 fn content_range_matches(value: &str, offset: u64, size: u64) -> bool {
     let Some(rest) = value.trim().strip_prefix("bytes ") else {
@@ -977,19 +578,6 @@ fn content_range_matches(value: &str, offset: u64, size: u64) -> bool {
     };
     let total_ok = total.trim() == "*" || total.trim().parse::<u64>() == Ok(size);
     start == offset && end + 1 == size && total_ok
-}
-
-/// A hint for an unreachable registry, from its last error.
-fn hint_for(cause: &Cause) -> &'static str {
-    let mut source: Option<&dyn std::error::Error> = Some(cause);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if text.contains("certificate") || text.contains("UnknownIssuer") {
-            return " (its TLS certificate is not trusted: use --ca-cert FILE, or --insecure)";
-        }
-        source = e.source();
-    }
-    ""
 }
 
 #[cfg(test)]

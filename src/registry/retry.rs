@@ -10,7 +10,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use reqwest::StatusCode;
+use reqwest::{Response, StatusCode};
+
+use super::transport;
+use super::{Cause, RegistryError};
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone)]
@@ -52,6 +55,127 @@ impl Policy {
         let half = exp / 2;
         half + half.mul_f64(random_fraction())
     }
+}
+
+/// The outcome of one failed attempt.
+pub(crate) enum Failure {
+    /// Worth another attempt, after `retry_after` if the server said so.
+    Retry {
+        /// What went wrong.
+        cause: Cause,
+        /// The server's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// Not worth another attempt.
+    Fatal(RegistryError),
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        Self::Fatal(e)
+    }
+}
+
+impl Failure {
+    /// A retryable failure the server gave no `Retry-After` for.
+    pub fn retry(cause: Cause) -> Self {
+        Self::Retry {
+            cause,
+            retry_after: None,
+        }
+    }
+
+    /// A retryable failure from a status that [`retryable_status`] accepts, with the
+    /// server's `Retry-After` and error detail.
+    pub async fn status(resp: Response) -> Self {
+        Self::Retry {
+            retry_after: retry_after(resp.headers(), SystemTime::now()),
+            cause: Cause::Status {
+                status: resp.status(),
+                detail: transport::error_detail(resp).await,
+            },
+        }
+    }
+}
+
+/// Counts the failed attempts at one request and waits between them.
+pub(crate) struct Retrier<'a> {
+    policy: &'a Policy,
+    registry: &'a str,
+    what: String,
+    path: String,
+    /// Consecutive failures without progress.
+    failures: u32,
+    /// All failures.
+    total: u32,
+}
+
+impl<'a> Retrier<'a> {
+    /// A count of no failures yet at `what` (for messages) on `path` of `registry`.
+    pub fn new(policy: &'a Policy, registry: &'a str, what: String, path: String) -> Self {
+        Self {
+            policy,
+            registry,
+            what,
+            path,
+            failures: 0,
+            total: 0,
+        }
+    }
+
+    /// Handles a failed attempt: a fatal one is returned; a retryable one waits and returns
+    /// `Ok` unless the attempts are used up.
+    pub async fn wait(&mut self, f: Failure) -> Result<(), RegistryError> {
+        let (cause, retry_after) = match f {
+            Failure::Fatal(e) => return Err(e),
+            Failure::Retry { cause, retry_after } => (cause, retry_after),
+        };
+        self.failures += 1;
+        self.total += 1;
+        // Progress resets the count (a slow, flaky link still gets there), within a bound.
+        // An untrusted certificate will not become trusted by asking again.
+        if self.failures >= self.policy.attempts
+            || self.total >= self.policy.attempts * 4
+            || !hint_for(&cause).is_empty()
+        {
+            return Err(RegistryError::Exhausted {
+                what: std::mem::take(&mut self.what),
+                registry: self.registry.to_string(),
+                path: std::mem::take(&mut self.path),
+                attempts: self.total,
+                source: cause,
+            });
+        }
+        let delay = self.policy.delay(self.failures, retry_after);
+        tracing::debug!(
+            what = %self.what,
+            path = %self.path,
+            attempt = self.total,
+            delay_ms = delay.as_millis() as u64,
+            cause = %cause,
+            "retrying"
+        );
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Notes that the failed attempt still made progress.
+    pub fn progressed(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A hint for an unreachable registry, from its last error.
+pub(crate) fn hint_for(cause: &Cause) -> &'static str {
+    let mut source: Option<&dyn std::error::Error> = Some(cause);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("certificate") || text.contains("UnknownIssuer") {
+            return " (its TLS certificate is not trusted: use --ca-cert FILE, or --insecure)";
+        }
+        source = e.source();
+    }
+    ""
 }
 
 /// A number in [0, 1) that differs between calls; backoff jitter needs no better.

@@ -43,7 +43,7 @@ pub(crate) enum SendError {
 
 /// Why a body could not be read whole.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub(crate) enum BodyError {
     /// More bytes than the cap.
     TooLarge,
     /// The transport failed (the error's URL is removed).
@@ -210,18 +210,18 @@ fn client(
 
 /// Reads a whole body of at most `cap` bytes, refusing a larger one as soon as its
 /// `Content-Length` or its bytes show it.
-pub(crate) async fn read_capped(resp: &mut Response, cap: u64) -> Result<Vec<u8>, ReadError> {
+pub(crate) async fn read_capped(resp: &mut Response, cap: u64) -> Result<Vec<u8>, BodyError> {
     if resp.content_length().is_some_and(|n| n > cap) {
-        return Err(ReadError::TooLarge);
+        return Err(BodyError::TooLarge);
     }
     let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| ReadError::Http(e.without_url()))?
+        .map_err(|e| BodyError::Http(e.without_url()))?
     {
         if (out.len() + chunk.len()) as u64 > cap {
-            return Err(ReadError::TooLarge);
+            return Err(BodyError::TooLarge);
         }
         out.extend_from_slice(&chunk);
     }
@@ -233,10 +233,10 @@ pub(crate) async fn read_capped(resp: &mut Response, cap: u64) -> Result<Vec<u8>
 pub(crate) async fn error_detail(mut resp: Response) -> String {
     #[derive(serde::Deserialize)]
     struct Envelope {
-        errors: Vec<Entry>,
+        errors: Vec<ErrorEntry>,
     }
     #[derive(serde::Deserialize)]
-    struct Entry {
+    struct ErrorEntry {
         code: Option<String>,
         message: Option<String>,
     }

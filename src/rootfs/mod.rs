@@ -27,7 +27,6 @@
 //! directory in the image, or that would replace a directory by a non-directory (or the
 //! reverse), is an error rather than a silent loss of the image's files.
 
-mod ahead;
 mod codec;
 pub mod squashfs;
 
@@ -42,7 +41,7 @@ pub use codec::{Codec, UnknownCodec};
 pub use squashfs::{SquashCompression, SquashfsOptions, SquashfsStats, ROOT_IMAGE_PATH};
 
 use crate::flatten::ContentCopyError;
-use crate::flatten::{Entry, InodeId, Kind, Tree};
+use crate::flatten::{Content, Entry, InodeId, Kind, Tree};
 use codec::Encoder;
 
 /// oci2uk's own directory in the guest; the image's entries there are left out.
@@ -703,6 +702,8 @@ struct Group {
     ino: Option<u32>,
 }
 
+/// Writes every entry of `items`, then the marker if `marker` and the image has the private
+/// directory; returns the next free inode number.
 fn write_entries<W: Write>(
     tree: Option<&Tree>,
     items: &BTreeMap<Cow<'_, [u8]>, Source<'_>>,
@@ -711,6 +712,41 @@ fn write_entries<W: Write>(
     stats: &mut RootfsStats,
     marker: bool,
 ) -> Result<u64, RootfsError> {
+    let mut w = EntryWriter {
+        tree,
+        opts,
+        cpio,
+        stats,
+        groups: hardlink_groups(items),
+        next_ino: 1,
+        extra_mtime: extra_mtime(opts),
+        buf: vec![0u8; 256 * 1024],
+    };
+    for (path, src) in items {
+        let path: &[u8] = path;
+        if path.len() + 1 > PATH_MAX {
+            return Err(RootfsError::NameTooLong {
+                path: format!("{}...", lossy(&path[..64])),
+                len: path.len(),
+            });
+        }
+        w.stats.entries += 1;
+        w.stats.unpacked_size += 1024;
+        match src {
+            Source::Implied => w.implied(path)?,
+            Source::Extra(x) => w.extra(path, x)?,
+            Source::Image(e) => w.image(path, e)?,
+        }
+    }
+    if marker && items.contains_key(&PRIVATE_DIR.as_bytes()[1..]) {
+        let ino = w.new_ino()?;
+        marker_entry(w.cpio, ino, w.extra_mtime, w.stats)?;
+    }
+    Ok(w.next_ino)
+}
+
+/// The hardlink groups of the image's regular files in `items`, each with its size.
+fn hardlink_groups(items: &BTreeMap<Cow<'_, [u8]>, Source<'_>>) -> HashMap<InodeId, Group> {
     let mut groups: HashMap<InodeId, Group> = HashMap::new();
     for src in items.values() {
         if let Source::Image(e) = src {
@@ -725,149 +761,172 @@ fn write_entries<W: Write>(
             }
         }
     }
-    let clamp = |t: i64| {
-        let t = opts.source_date_epoch.map_or(t, |e| t.min(e));
-        t.clamp(0, NEWC_MAX as i64) as u32
-    };
-    let extra_mtime = extra_mtime(opts);
-    let mut next_ino: u64 = 1;
-    let mut new_ino = || {
-        let ino = u32::try_from(next_ino).map_err(|_| RootfsError::TooManyInodes)?;
-        next_ino += 1;
-        Ok::<u32, RootfsError>(ino)
-    };
-    let mut buf = vec![0u8; 256 * 1024];
+    groups
+}
 
-    for (path, src) in items {
-        let path: &[u8] = path;
-        if path.len() + 1 > PATH_MAX {
-            return Err(RootfsError::NameTooLong {
-                path: format!("{}...", lossy(&path[..64])),
-                len: path.len(),
-            });
+/// The archive while its entries are written: inode numbers, hardlink groups and the
+/// statistics.
+struct EntryWriter<'a, W: Write> {
+    tree: Option<&'a Tree>,
+    opts: &'a RootfsOptions,
+    cpio: &'a mut Newc<W>,
+    stats: &'a mut RootfsStats,
+    groups: HashMap<InodeId, Group>,
+    /// The next inode number to give.
+    next_ino: u64,
+    /// See [`extra_mtime`].
+    extra_mtime: u32,
+    /// The copy buffer for contents.
+    buf: Vec<u8>,
+}
+
+impl<W: Write> EntryWriter<'_, W> {
+    fn new_ino(&mut self) -> Result<u32, RootfsError> {
+        let ino = u32::try_from(self.next_ino).map_err(|_| RootfsError::TooManyInodes)?;
+        self.next_ino += 1;
+        Ok(ino)
+    }
+
+    /// An image mtime, clamped to `SOURCE_DATE_EPOCH` and to what newc can hold.
+    fn clamp(&self, t: i64) -> u32 {
+        let t = self.opts.source_date_epoch.map_or(t, |e| t.min(e));
+        t.clamp(0, NEWC_MAX as i64) as u32
+    }
+
+    /// A parent directory that only the extras need.
+    fn implied(&mut self, path: &[u8]) -> Result<(), RootfsError> {
+        let h = Header::new(self.new_ino()?, S_IFDIR | 0o755, 0, 0, 2, self.extra_mtime);
+        self.cpio.entry(&h, path, &[])?;
+        Ok(())
+    }
+
+    fn extra(&mut self, path: &[u8], x: &Extra) -> Result<(), RootfsError> {
+        let mode = x.mode & 0o7777;
+        let ino = self.new_ino()?;
+        let mtime = self.extra_mtime;
+        match &x.kind {
+            ExtraKind::Dir => {
+                let h = Header::new(ino, S_IFDIR | mode, x.uid, x.gid, 2, mtime);
+                self.cpio.entry(&h, path, &[])?;
+            }
+            ExtraKind::File(data) => {
+                let mut h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, mtime);
+                h.filesize = file_size(path, data.len() as u64)?;
+                self.cpio.entry(&h, path, data)?;
+                self.stats.files += 1;
+                self.stats.content_size += data.len() as u64;
+                self.stats.unpacked_size += (data.len() as u64).next_multiple_of(PAGE);
+            }
+            ExtraKind::HostFile { path: host, len } => {
+                let h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, mtime);
+                host_file_entry(self.cpio, h, path, host, *len, self.stats)?;
+            }
+            ExtraKind::Symlink(target) => {
+                symlink_len(path, target.len())?;
+                let mut h = Header::new(ino, S_IFLNK | 0o777, x.uid, x.gid, 1, mtime);
+                h.filesize = target.len() as u32;
+                self.cpio.entry(&h, path, target.as_bytes())?;
+                self.stats.unpacked_size += PAGE;
+            }
         }
-        stats.entries += 1;
-        stats.unpacked_size += 1024;
-        match src {
-            Source::Implied => {
-                let h = Header::new(new_ino()?, S_IFDIR | 0o755, 0, 0, 2, extra_mtime);
-                cpio.entry(&h, path, &[])?;
+        Ok(())
+    }
+
+    fn image(&mut self, path: &[u8], e: &Entry<'_>) -> Result<(), RootfsError> {
+        let inode = e.inode;
+        let (uid, gid) = match (u32::try_from(inode.uid), u32::try_from(inode.gid)) {
+            (Ok(u), Ok(g)) => (u, g),
+            _ => {
+                return Err(RootfsError::IdTooLarge {
+                    path: lossy(path),
+                    uid: inode.uid,
+                    gid: inode.gid,
+                })
             }
-            Source::Extra(x) => {
-                let mode = x.mode & 0o7777;
-                let ino = new_ino()?;
-                match &x.kind {
-                    ExtraKind::Dir => {
-                        let h = Header::new(ino, S_IFDIR | mode, x.uid, x.gid, 2, extra_mtime);
-                        cpio.entry(&h, path, &[])?;
-                    }
-                    ExtraKind::File(data) => {
-                        let mut h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, extra_mtime);
-                        h.filesize = file_size(path, data.len() as u64)?;
-                        cpio.entry(&h, path, data)?;
-                        stats.files += 1;
-                        stats.content_size += data.len() as u64;
-                        stats.unpacked_size += (data.len() as u64).next_multiple_of(PAGE);
-                    }
-                    ExtraKind::HostFile { path: host, len } => {
-                        let h = Header::new(ino, S_IFREG | mode, x.uid, x.gid, 1, extra_mtime);
-                        host_file_entry(cpio, h, path, host, *len, stats)?;
-                    }
-                    ExtraKind::Symlink(target) => {
-                        symlink_len(path, target.len())?;
-                        let mut h = Header::new(ino, S_IFLNK | 0o777, x.uid, x.gid, 1, extra_mtime);
-                        h.filesize = target.len() as u32;
-                        cpio.entry(&h, path, target.as_bytes())?;
-                        stats.unpacked_size += PAGE;
-                    }
-                }
+        };
+        let perm = inode.mode & 0o7777;
+        let mtime = self.clamp(inode.mtime);
+        match &inode.kind {
+            Kind::Dir => {
+                let h = Header::new(self.new_ino()?, S_IFDIR | perm, uid, gid, 2, mtime);
+                self.cpio.entry(&h, path, &[])?;
             }
-            Source::Image(e) => {
-                let inode = e.inode;
-                let (uid, gid) = match (u32::try_from(inode.uid), u32::try_from(inode.gid)) {
-                    (Ok(u), Ok(g)) => (u, g),
-                    _ => {
-                        return Err(RootfsError::IdTooLarge {
-                            path: lossy(path),
-                            uid: inode.uid,
-                            gid: inode.gid,
-                        })
-                    }
+            Kind::File(c) => {
+                let h = Header::new(0, S_IFREG | perm, uid, gid, 0, mtime);
+                self.image_file(path, e, c, h)?;
+            }
+            Kind::Symlink(target) => {
+                symlink_len(path, target.len())?;
+                // Linux symlinks are always 0777 (the unpacker sets no mode on them).
+                let mut h = Header::new(self.new_ino()?, S_IFLNK | 0o777, uid, gid, 1, mtime);
+                h.filesize = target.len() as u32;
+                self.cpio.entry(&h, path, target)?;
+                self.stats.unpacked_size += PAGE;
+            }
+            Kind::CharDevice { major, minor } | Kind::BlockDevice { major, minor } => {
+                let t = if matches!(inode.kind, Kind::CharDevice { .. }) {
+                    S_IFCHR
+                } else {
+                    S_IFBLK
                 };
-                let perm = inode.mode & 0o7777;
-                let mtime = clamp(inode.mtime);
-                match &inode.kind {
-                    Kind::Dir => {
-                        let h = Header::new(new_ino()?, S_IFDIR | perm, uid, gid, 2, mtime);
-                        cpio.entry(&h, path, &[])?;
-                    }
-                    Kind::File(c) => {
-                        let tree = tree.expect("image entries come from a tree");
-                        let g = groups.get_mut(&e.id).expect("every file was counted");
-                        let first = g.ino.is_none();
-                        let ino = match g.ino {
-                            Some(ino) => ino,
-                            None => {
-                                let ino = new_ino()?;
-                                g.ino = Some(ino);
-                                ino
-                            }
-                        };
-                        g.left -= 1;
-                        let last = g.left == 0;
-                        let mut h = Header::new(ino, S_IFREG | perm, uid, gid, g.size, mtime);
-                        if last {
-                            h.filesize = file_size(path, c.len())?;
-                        }
-                        cpio.header(&h, path)?;
-                        if last {
-                            copy_content(tree, c, path, &mut cpio.w, &mut buf)?;
-                            cpio.pos += c.len();
-                            cpio.pad()?;
-                        }
-                        if first {
-                            stats.files += 1;
-                            stats.content_size += c.len();
-                            stats.unpacked_size += c.len().next_multiple_of(PAGE);
-                            if !inode.xattrs.is_empty() {
-                                stats.dropped_xattrs += 1;
-                            }
-                        }
-                    }
-                    Kind::Symlink(target) => {
-                        symlink_len(path, target.len())?;
-                        // Linux symlinks are always 0777 (the unpacker sets no mode on them).
-                        let mut h = Header::new(new_ino()?, S_IFLNK | 0o777, uid, gid, 1, mtime);
-                        h.filesize = target.len() as u32;
-                        cpio.entry(&h, path, target)?;
-                        stats.unpacked_size += PAGE;
-                    }
-                    Kind::CharDevice { major, minor } | Kind::BlockDevice { major, minor } => {
-                        let t = if matches!(inode.kind, Kind::CharDevice { .. }) {
-                            S_IFCHR
-                        } else {
-                            S_IFBLK
-                        };
-                        let mut h = Header::new(new_ino()?, t | perm, uid, gid, 1, mtime);
-                        h.rdevmajor = *major;
-                        h.rdevminor = *minor;
-                        cpio.entry(&h, path, &[])?;
-                    }
-                    Kind::Fifo => {
-                        let h = Header::new(new_ino()?, S_IFIFO | perm, uid, gid, 1, mtime);
-                        cpio.entry(&h, path, &[])?;
-                    }
-                }
-                if !matches!(inode.kind, Kind::File(_)) && !inode.xattrs.is_empty() {
-                    stats.dropped_xattrs += 1;
-                }
+                let mut h = Header::new(self.new_ino()?, t | perm, uid, gid, 1, mtime);
+                h.rdevmajor = *major;
+                h.rdevminor = *minor;
+                self.cpio.entry(&h, path, &[])?;
+            }
+            Kind::Fifo => {
+                let h = Header::new(self.new_ino()?, S_IFIFO | perm, uid, gid, 1, mtime);
+                self.cpio.entry(&h, path, &[])?;
             }
         }
+        if !matches!(inode.kind, Kind::File(_)) && !inode.xattrs.is_empty() {
+            self.stats.dropped_xattrs += 1;
+        }
+        Ok(())
     }
-    if marker && items.contains_key(&PRIVATE_DIR.as_bytes()[1..]) {
-        marker_entry(cpio, new_ino()?, extra_mtime, stats)?;
+
+    /// One path of a hardlink group (`h` is given its inode number and link count here):
+    /// every path shares the group's inode, and the contents go with the last one, as GNU
+    /// cpio writes them.
+    fn image_file(
+        &mut self,
+        path: &[u8],
+        e: &Entry<'_>,
+        c: &Content,
+        mut h: Header,
+    ) -> Result<(), RootfsError> {
+        let tree = self.tree.expect("image entries come from a tree");
+        let given = self.groups.get(&e.id).expect("every file was counted").ino;
+        let first = given.is_none();
+        let ino = match given {
+            Some(ino) => ino,
+            None => self.new_ino()?,
+        };
+        let g = self.groups.get_mut(&e.id).expect("every file was counted");
+        g.ino = Some(ino);
+        g.left -= 1;
+        let last = g.left == 0;
+        h.ino = ino;
+        h.nlink = g.size;
+        if last {
+            h.filesize = file_size(path, c.len())?;
+        }
+        self.cpio.header(&h, path)?;
+        if last {
+            copy_content(tree, c, path, &mut self.cpio.w, &mut self.buf)?;
+            self.cpio.pos += c.len();
+            self.cpio.pad()?;
+        }
+        if first {
+            self.stats.files += 1;
+            self.stats.content_size += c.len();
+            self.stats.unpacked_size += c.len().next_multiple_of(PAGE);
+            if !e.inode.xattrs.is_empty() {
+                self.stats.dropped_xattrs += 1;
+            }
+        }
+        Ok(())
     }
-    Ok(next_ino)
 }
 
 /// The mtime of what oci2uk adds: `SOURCE_DATE_EPOCH`, else 0.
@@ -940,7 +999,7 @@ fn symlink_len(path: &[u8], len: usize) -> Result<(), RootfsError> {
 
 fn copy_content<W: Write>(
     tree: &Tree,
-    c: &crate::flatten::Content,
+    c: &Content,
     path: &[u8],
     w: &mut W,
     buf: &mut [u8],

@@ -16,7 +16,8 @@ use oci_spec::image::Digest;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, Response, StatusCode, Url};
 
-use super::{Failure, Session};
+use super::Session;
+use crate::registry::retry::Failure;
 use crate::registry::RegistryError;
 
 /// Blobs up to this size are uploaded in one request.

@@ -262,7 +262,7 @@ fn blocks_made_ahead_give_backhands_own_image() {
     let opts = SquashfsOptions::default();
     let mut plain = tempfile::tempfile().unwrap();
     let (plain_stats, none) = write_squashfs_with(&tree, &opts, &mut plain, false).unwrap();
-    assert_eq!(none, ahead::AheadStats::default());
+    assert_eq!(none, parallel::AheadStats::default());
     let mut fast = tempfile::tempfile().unwrap();
     let (fast_stats, made) = write_squashfs_with(&tree, &opts, &mut fast, true).unwrap();
     assert_eq!(plain_stats, fast_stats);

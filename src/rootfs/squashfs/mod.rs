@@ -22,13 +22,15 @@
 //!
 //! The bytes depend on the tree and the options alone: entries are added in the tree's sorted
 //! order, the superblock time is `SOURCE_DATE_EPOCH` or 0, a block's compressed form depends
-//! on its bytes alone whichever thread made it (see `ahead`), and the file is cut to the
+//! on its bytes alone whichever thread made it (see `parallel`), and the file is cut to the
 //! length the writer reports (its deduplication may leave bytes past the end).
 //!
 //! Memory: the writer holds one node per path (its path, header and a reader of the spool)
 //! and the compressed inode and directory tables until the end; contents stream from the
-//! spool one block at a time (and at most `ahead::WINDOW` blocks ahead of the writer). So it
+//! spool one block at a time (and at most `parallel::WINDOW` blocks ahead of the writer). So it
 //! grows with the number of paths (a few hundred bytes each), not with the image's size.
+
+mod parallel;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -41,9 +43,9 @@ use backhand::compression::{CompressionOptions, Compressor, Zstd};
 use backhand::kind::Kind as SquashKind;
 use backhand::{BackhandError, FilesystemCompressor, FilesystemWriter, NodeHeader};
 
-use super::ahead::{self, Ahead};
 use super::{is_private, lossy, RootfsError};
 use crate::flatten::{InodeId, Kind, Tree};
+use parallel::Ahead;
 
 /// Where the root image goes in the initramfs.
 pub const ROOT_IMAGE_PATH: &str = "/.oci2uk/root.squashfs";
@@ -130,7 +132,7 @@ fn write_squashfs_with(
     opts: &SquashfsOptions,
     file: &mut File,
     ahead: bool,
-) -> Result<(SquashfsStats, ahead::AheadStats), RootfsError> {
+) -> Result<(SquashfsStats, parallel::AheadStats), RootfsError> {
     let mut fs = FilesystemWriter::default();
     fs.set_block_size(BLOCK_SIZE);
     let time = opts.source_date_epoch.unwrap_or(0);
@@ -220,7 +222,7 @@ fn write_squashfs_with(
         })?;
     }
 
-    // zstd blocks are compressed ahead of the writer on every core (see `ahead`).
+    // zstd blocks are compressed ahead of the writer on every core (see `parallel`).
     let ahead = match opts.compression {
         SquashCompression::Zstd if ahead => {
             let level = opts.level.unwrap_or(3) as i32;
@@ -264,7 +266,7 @@ fn write_squashfs_with(
 /// last one partial (blocks of zeros become holes: the workers find those). A shorter,
 /// non-empty file is appended to the fragment block being filled, which is compressed first
 /// when the file does not fit; the last fragment block is compressed after all files.
-fn predicted_blocks(tree: &Tree) -> Vec<ahead::Block> {
+fn predicted_blocks(tree: &Tree) -> Vec<parallel::Block> {
     let bs = u64::from(BLOCK_SIZE);
     let mut files: Vec<(&Path, crate::flatten::Content)> = tree
         .entries()
@@ -276,7 +278,7 @@ fn predicted_blocks(tree: &Tree) -> Vec<ahead::Block> {
         .collect();
     files.sort_by(|a, b| a.0.cmp(b.0));
     let mut blocks = Vec::new();
-    let mut fragment = ahead::Block {
+    let mut fragment = parallel::Block {
         ranges: Vec::new(),
         fragment: true,
     };
@@ -285,7 +287,7 @@ fn predicted_blocks(tree: &Tree) -> Vec<ahead::Block> {
             if fragment.len() as u64 + c.len() > bs {
                 blocks.push(std::mem::replace(
                     &mut fragment,
-                    ahead::Block {
+                    parallel::Block {
                         ranges: Vec::new(),
                         fragment: true,
                     },
@@ -297,7 +299,7 @@ fn predicted_blocks(tree: &Tree) -> Vec<ahead::Block> {
         let mut at = 0;
         while at < c.len() {
             let len = (c.len() - at).min(bs);
-            blocks.push(ahead::Block {
+            blocks.push(parallel::Block {
                 ranges: vec![(c.offset + at, len as u32)],
                 fragment: false,
             });
@@ -328,5 +330,4 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 #[cfg(test)]
-#[path = "squashfs_tests.rs"]
 mod tests;
