@@ -32,8 +32,7 @@ use super::retry::{self, Policy};
 use super::transport::{self, BoundAuth, Payload, ReadError, SendError, Transport};
 use super::{Cause, RegistryError, RegistryOptions};
 use crate::cache::{BlobWriter, Cache, CacheError, Hasher};
-use crate::image::select::MANIFEST_ACCEPT;
-use crate::image::MAX_DOCUMENT_SIZE;
+use crate::oci::{MANIFEST_ACCEPT, MAX_DOCUMENT_SIZE};
 use crate::progress::Progress;
 use crate::reference::ImageRef;
 
