@@ -13,8 +13,10 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Digest, DigestAlgorithm};
-use sha2::Digest as _;
+use oci_spec::image::Digest;
+
+pub use crate::oci::Hasher;
+use crate::oci::UnsupportedAlgorithm;
 
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
@@ -54,45 +56,9 @@ pub enum CacheError {
     Algorithm(Digest),
 }
 
-/// A streaming hasher for the digest algorithms OCI registries use.
-#[derive(Clone)]
-pub enum Hasher {
-    /// sha256, the canonical algorithm.
-    Sha256(sha2::Sha256),
-    /// sha512, allowed by the OCI image spec.
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    /// A hasher for the algorithm of `digest`.
-    pub fn for_digest(digest: &Digest) -> Result<Self, CacheError> {
-        match digest.algorithm() {
-            DigestAlgorithm::Sha256 => Ok(Self::sha256()),
-            DigestAlgorithm::Sha512 => Ok(Self::Sha512(sha2::Sha512::new())),
-            _ => Err(CacheError::Algorithm(digest.clone())),
-        }
-    }
-
-    /// A sha256 hasher.
-    pub fn sha256() -> Self {
-        Self::Sha256(sha2::Sha256::new())
-    }
-
-    /// Feeds bytes.
-    pub fn update(&mut self, data: &[u8]) {
-        match self {
-            Self::Sha256(h) => h.update(data),
-            Self::Sha512(h) => h.update(data),
-        }
-    }
-
-    /// The digest of everything fed so far.
-    pub fn finish(self) -> Digest {
-        let s = match self {
-            Self::Sha256(h) => format!("sha256:{}", hex::encode(h.finalize())),
-            Self::Sha512(h) => format!("sha512:{}", hex::encode(h.finalize())),
-        };
-        s.parse().expect("a hex digest is always valid")
+impl From<UnsupportedAlgorithm> for CacheError {
+    fn from(e: UnsupportedAlgorithm) -> Self {
+        Self::Algorithm(e.0)
     }
 }
 
@@ -271,6 +237,14 @@ impl Cache {
         w.persist()
     }
 
+    /// Starts writing a blob of `size` bytes whose digest nothing announces (an archive
+    /// member): it is stored under its own sha256 by [`BlobWriter::commit_by_content`].
+    pub fn writer_by_content(&self, size: u64) -> Result<BlobWriter, CacheError> {
+        let mut h = Hasher::sha256();
+        h.update(b"");
+        self.writer(&h.finish(), size)
+    }
+
     /// Copies a verified blob from `r` into the cache and returns its path.
     pub fn put_reader(
         &self,
@@ -419,6 +393,28 @@ impl BlobWriter {
             });
         }
         self.persist()
+    }
+
+    /// Checks the size, then moves the blob into place under the digest its bytes have (for
+    /// a writer from [`Cache::writer_by_content`]), and returns the digest and the path.
+    pub fn commit_by_content(mut self) -> Result<(Digest, PathBuf), CacheError> {
+        let actual = self.hasher.clone().finish();
+        if self.written != self.expected_size {
+            return Err(CacheError::Mismatch {
+                expected: actual.clone(),
+                expected_size: self.expected_size,
+                actual_digest: actual,
+                actual_size: self.written,
+            });
+        }
+        let blobs = self.dest.ancestors().nth(2).map(Path::to_path_buf);
+        if let Some(blobs) = blobs {
+            self.dest = blobs
+                .join(actual.algorithm().as_ref())
+                .join(actual.digest());
+        }
+        self.expected = actual.clone();
+        Ok((actual, self.persist()?))
     }
 
     /// Moves the blob into place and records it as verified: its bytes were hashed on their

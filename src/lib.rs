@@ -8,10 +8,14 @@
 //!
 //! - [`reference`]: what the user names (a registry reference or a transport such as
 //!   `oci:DIR`, `docker-archive:FILE`) in, a [`reference::Source`] out.
+//! - [`oci`]: the OCI document model, with no I/O: media types, manifests and indexes,
+//!   platforms, layer compression, digests and the integrity checks.
 //! - [`registry`]: the distribution protocol: manifests and blobs from a registry, verified,
 //!   into the [`cache`].
 //! - [`image`]: a [`reference::Source`] in, a resolved [`image::Image`] out (config and verified
-//!   layer blobs), whatever the transport.
+//!   layer blobs), whatever the transport, by one walk over each transport's blobs.
+//! - [`tar`]: the hardened tar reader (capped extension records, truncation detected) that
+//!   both the layers and the archive transports are read with.
 //! - [`flatten`]: layer blobs in, one [`flatten::Tree`] out (metadata in memory, file contents
 //!   spooled by digest).
 //! - [`output`]: a tree in, bytes out (the `tar` format).
@@ -35,6 +39,7 @@ pub mod flatten;
 pub mod image;
 pub mod init_blob;
 pub mod kernel;
+pub mod oci;
 pub mod output;
 pub mod plan;
 pub mod progress;
@@ -42,3 +47,4 @@ pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod run;
+pub mod tar;

@@ -4,11 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oci2uk::image::select::{
-    self, parse_document, select_platform, Document, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1,
-    OCI_INDEX, OCI_MANIFEST,
+use oci2uk::oci::{
+    self as select, parse_document, select_platform, Compression, Document, Platform, DOCKER_LIST,
+    DOCKER_MANIFEST, DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST,
 };
-use oci2uk::image::{Compression, Platform};
 
 const CONTENT_TYPES: &[Option<&str>] = &[
     None,

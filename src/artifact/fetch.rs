@@ -14,7 +14,9 @@ use oci_spec::image::{Descriptor, Digest, ImageManifest};
 
 use super::*;
 use crate::cache::{Cache, Hasher};
-use crate::image::select::{self, Document, Platform};
+use crate::image::registry::RegistrySource;
+use crate::image::resolve as walk;
+use crate::oci::Platform;
 use crate::progress::Progress;
 use crate::reference::ImageRef;
 use crate::registry::client::{Session, Tuning};
@@ -89,6 +91,7 @@ impl Resolved {
 /// A manifest on a registry, with the session that found it.
 pub struct Remote {
     session: Session,
+    reference: ImageRef,
     /// The manifest.
     pub resolved: Resolved,
 }
@@ -97,27 +100,19 @@ impl Remote {
     /// The image config (a container image's), fetched through the cache.
     pub async fn config(&self, cache: &Cache) -> Result<serde_json::Value, FetchError> {
         let desc = self.resolved.manifest.config();
-        let reg_err = |source| FetchError::Registry {
-            reference: self.resolved.reference.clone(),
-            source: Box::new(source),
+        let src = RegistrySource {
+            session: &self.session,
+            reference: &self.reference,
+            cache: Some(cache),
+            progress: None,
         };
         let what = format!("image config {}", desc.digest());
-        if desc.size() > crate::image::MAX_DOCUMENT_SIZE {
-            return Err(reg_err(RegistryError::TooLarge {
-                what,
-                limit: crate::image::MAX_DOCUMENT_SIZE,
-            }));
-        }
-        let path = self
-            .session
-            .fetch_blob(cache, desc.digest(), desc.size(), &what, None)
+        let bytes = walk::document(&src, desc, walk::Kind::Config, &what)
             .await
-            .map_err(reg_err)?;
-        let bytes = std::fs::read(&path).map_err(|source| FetchError::Io {
-            what: what.clone(),
-            path: path.clone(),
-            source,
-        })?;
+            .map_err(|source| FetchError::Registry {
+                reference: self.resolved.reference.clone(),
+                source: Box::new(source),
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| FetchError::Invalid {
             reference: self.resolved.reference.clone(),
             why: format!("has an invalid config: {e}"),
@@ -148,60 +143,34 @@ pub async fn resolve(
     let session = Session::connect(r, opts, &Tuning::default())
         .await
         .map_err(reg_err)?;
-    let pinned = match r.digest() {
-        Some(d) => Some(d.parse::<Digest>().map_err(|e| FetchError::Invalid {
+    if let Some(d) = r.digest() {
+        d.parse::<Digest>().map_err(|e| FetchError::Invalid {
             reference: shown.clone(),
             why: format!("has an invalid digest: {e}"),
-        })?),
-        None => None,
+        })?;
+    }
+    let src = RegistrySource {
+        session: &session,
+        reference: r,
+        cache: None,
+        progress: None,
     };
-    let top = session
-        .fetch_manifest(
-            r.manifest_reference(),
-            &shown,
-            pinned.as_ref().map(|d| (d, None)),
-        )
-        .await
-        .map_err(reg_err)?;
-    let doc = select::parse_document(&top.bytes, top.content_type.as_deref(), &shown)
-        .map_err(|e| reg_err(e.into()))?;
-    let resolved = match doc {
-        Document::Manifest(m) => Resolved {
-            reference: shown.clone(),
-            digest: top.digest,
-            manifest: *m,
-            index_digest: None,
-        },
-        Document::Index(index) => {
-            let desc =
-                select::select_platform(&index, platform, &shown).map_err(|e| reg_err(e.into()))?;
-            let child_shown = r.with_digest(desc.digest().as_ref()).to_string();
-            let child = session
-                .fetch_manifest(
-                    desc.digest().as_ref(),
-                    &child_shown,
-                    Some((desc.digest(), Some(desc.size()))),
-                )
-                .await
-                .map_err(reg_err)?;
-            let media_type = desc.media_type().to_string();
-            let ct = child.content_type.as_deref().or(Some(&media_type));
-            match select::parse_document(&child.bytes, ct, &child_shown)
-                .map_err(|e| reg_err(e.into()))?
-            {
-                Document::Manifest(m) => Resolved {
-                    reference: shown.clone(),
-                    digest: child.digest,
-                    manifest: *m,
-                    index_digest: Some(top.digest),
-                },
-                Document::Index(_) => {
-                    return Err(reg_err(RegistryError::NestedIndex { what: child_shown }))
-                }
-            }
-        }
+    let selecting = async {
+        let top = src.top().await?;
+        walk::select(&src, top, platform).await
     };
-    Ok(Remote { session, resolved })
+    let selected = selecting.await.map_err(reg_err)?;
+    let resolved = Resolved {
+        reference: shown.clone(),
+        digest: selected.digest,
+        manifest: selected.manifest,
+        index_digest: selected.index_digest,
+    };
+    Ok(Remote {
+        session,
+        reference: r.clone(),
+        resolved,
+    })
 }
 
 /// The one layer of a pushed artifact, fetched into the cache.
@@ -411,7 +380,9 @@ pub async fn kernel(
     cache: &Cache,
     progress: &Progress,
 ) -> Result<(PathBuf, PathBuf), FetchError> {
-    let Remote { session, resolved } = resolve(r, opts, &Platform::host()).await?;
+    let Remote {
+        session, resolved, ..
+    } = resolve(r, opts, &Platform::host()).await?;
     let ann = resolved.annotations();
     let invalid = |why: String| FetchError::Invalid {
         reference: resolved.reference.clone(),

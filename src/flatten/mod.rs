@@ -78,7 +78,7 @@ use crate::image::{Compression, Layer};
 use crate::progress::Progress;
 
 mod spool;
-mod tarstream;
+use crate::tar as tarstream;
 mod tree;
 
 pub use spool::{Content, ContentReader};

@@ -16,15 +16,18 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
 use serde::Deserialize;
 
+use super::archive::{blob_name_digest, read_member, scan_archive, Kind, ScanError};
+use super::resolve::check_config;
 use super::{Compression, Image, Layer, MAX_DOCUMENT_SIZE};
-use crate::cache::{Cache, Hasher};
+use crate::cache::{Cache, CacheError, Hasher};
+use crate::oci::{verify, VerifyError};
 use crate::reference::{ImageRef, Source};
 
 /// Most links followed while resolving one member path (Linux's `MAXSYMLINKS`).
@@ -185,40 +188,10 @@ pub enum DockerArchiveError {
         /// The digest of its bytes.
         actual: String,
     },
-    /// The configuration does not parse.
-    #[error("config {member} of {archive} is not a valid image configuration: {reason}")]
-    InvalidConfig {
-        /// The archive.
-        archive: PathBuf,
-        /// The member path.
-        member: String,
-        /// Why.
-        reason: String,
-    },
-    /// The configuration's `rootfs.diff_ids` do not match the layer list.
-    #[error("config {member} of {archive} lists {diff_ids} diff_ids, but manifest.json lists {layers} layers")]
-    DiffIdCount {
-        /// The archive.
-        archive: PathBuf,
-        /// The config member.
-        member: String,
-        /// How many diff_ids.
-        diff_ids: usize,
-        /// How many layers.
-        layers: usize,
-    },
-    /// An uncompressed layer whose digest is not its DiffID.
-    #[error("layer {member} of {archive} is an uncompressed tar with digest {digest}, but the config gives diff_id {diff_id}")]
-    DiffId {
-        /// The archive.
-        archive: PathBuf,
-        /// The layer member.
-        member: String,
-        /// Its digest.
-        digest: String,
-        /// The DiffID the config gives.
-        diff_id: String,
-    },
+    /// A config or layer that does not match what names it, or an image whose parts
+    /// disagree.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// A layer that is neither a tar nor a compressed tar.
     #[error("layer {member} of {archive} is neither a tar nor gzip- or zstd-compressed")]
     NotALayer {
@@ -416,21 +389,12 @@ pub fn resolve_capped(
             }
         }
     }
-    let (config, diff_ids) = super::layout::parse_config(&config_bytes).map_err(|reason| {
-        DockerArchiveError::InvalidConfig {
-            archive: archive.clone(),
-            member: item.config.clone(),
-            reason,
-        }
-    })?;
-    if diff_ids.len() != layer_members.len() {
-        return Err(DockerArchiveError::DiffIdCount {
-            archive,
-            member: item.config.clone(),
-            diff_ids: diff_ids.len(),
-            layers: layer_members.len(),
-        });
-    }
+    let (config, diff_ids) = check_config(
+        &config_bytes,
+        &format!("config {} of {}", item.config, archive.display()),
+        &"manifest.json",
+        layer_members.len(),
+    )?;
 
     let mut layers = Vec::with_capacity(layer_members.len());
     for ((name, (canonical, index, _)), diff_id) in
@@ -463,13 +427,12 @@ pub fn resolve_capped(
             member: name.clone(),
         })?;
         // An uncompressed layer's DiffID is its digest: check it while it costs nothing.
-        if compression == Compression::None && blob.digest != diff_id {
-            return Err(DockerArchiveError::DiffId {
-                archive,
-                member: name.clone(),
-                digest: blob.digest.to_string(),
-                diff_id: diff_id.to_string(),
-            });
+        if compression == Compression::None {
+            verify::uncompressed_diff_id(
+                &blob.digest,
+                &diff_id,
+                &format!("layer {name} of {}", archive.display()),
+            )?;
         }
         layers.push(Layer {
             digest: blob.digest.clone(),
@@ -694,19 +657,6 @@ fn implied_config_digest(name: &str) -> Option<Digest> {
         .and_then(|hex| format!("sha256:{hex}").parse().ok())
 }
 
-/// The digest of an OCI-layout style member name, `blobs/<alg>/<hex>`, if it is one with an
-/// algorithm the cache can verify.
-pub(super) fn blob_name_digest(name: &str) -> Option<Digest> {
-    let mut parts = name.split('/').filter(|p| !p.is_empty() && *p != ".");
-    let (Some("blobs"), Some(alg), Some(hex), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let d: Digest = format!("{alg}:{hex}").parse().ok()?;
-    Hasher::for_digest(&d).ok().map(|_| d)
-}
-
 fn sha256(bytes: &[u8]) -> Digest {
     let mut h = Hasher::sha256();
     h.update(bytes);
@@ -745,8 +695,9 @@ fn read_document(
         })
 }
 
-/// Copies a member into the cache under the sha256 of its bytes, keeping its first bytes
-/// for sniffing the compression.
+/// Copies a member into the cache under the sha256 of its bytes (through the cache's
+/// writer, which hashes them on their way in), keeping its first bytes for sniffing the
+/// compression.
 fn store_blob(
     cache: &Cache,
     archive: &Path,
@@ -754,17 +705,19 @@ fn store_blob(
     data: &mut dyn Read,
     size: u64,
 ) -> Result<Stored, DockerArchiveError> {
-    let tmp_dir = cache.tmp_dir();
-    let write_error = |path: &Path, source| DockerArchiveError::Write {
-        archive: archive.to_path_buf(),
-        member: member.to_string(),
-        path: path.to_path_buf(),
-        source,
+    let write_error = |source: CacheError| {
+        let (path, source) = match source {
+            CacheError::Io { path, source } | CacheError::Dir { path, source } => (path, source),
+            other => (cache.tmp_dir(), io::Error::other(other)),
+        };
+        DockerArchiveError::Write {
+            archive: archive.to_path_buf(),
+            member: member.to_string(),
+            path,
+            source,
+        }
     };
-    let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| write_error(&tmp_dir, e))?;
-    let tmp_path = tmp.path().to_path_buf();
-    let mut out = io::BufWriter::with_capacity(256 * 1024, tmp);
-    let mut hasher = Hasher::sha256();
+    let mut out = cache.writer_by_content(size).map_err(write_error)?;
     let mut head = Vec::with_capacity(512);
     let mut buf = vec![0u8; 256 * 1024];
     let mut n = 0u64;
@@ -784,9 +737,12 @@ fn store_blob(
         if head.len() < 512 {
             head.extend_from_slice(&chunk[..chunk.len().min(512 - head.len())]);
         }
-        hasher.update(chunk);
-        out.write_all(chunk)
-            .map_err(|e| write_error(&tmp_path, e))?;
+        out.write_all(chunk).map_err(|source| {
+            write_error(CacheError::Io {
+                path: cache.tmp_dir(),
+                source,
+            })
+        })?;
         n += k as u64;
     }
     if n != size {
@@ -795,18 +751,12 @@ fn store_blob(
             source: truncated(member, size, n),
         });
     }
-    let digest = hasher.finish();
-    let dest = cache.blob_path(&digest);
-    let tmp = out
-        .into_inner()
-        .map_err(|e| write_error(&tmp_path, e.into_error()))?;
-    tmp.persist(&dest)
-        .map_err(|e| write_error(&dest, e.error))?;
+    let (digest, path) = out.commit_by_content().map_err(write_error)?;
     Ok(Stored {
         digest,
         size,
         head,
-        path: dest,
+        path,
     })
 }
 
@@ -817,179 +767,12 @@ fn truncated(member: &str, size: u64, got: u64) -> io::Error {
     )
 }
 
-// Tar reading shared by the archive transports.
-
-/// What a tar member is, as far as reading an image archive cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Kind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link, with its target as written.
-    Symlink(String),
-    /// A hard link, with the archive path of its target as written.
-    Hardlink(String),
-    /// Anything else (devices, fifos, names that are not UTF-8).
-    Other,
-}
-
-/// One member of an archive, as the scan hands it over.
-pub(super) struct Member<'a> {
-    /// Its position among the members (stable across scans of the same archive).
-    pub index: usize,
-    /// Its path, normalised: relative, no `.` or empty components.
-    pub name: String,
-    /// What it is.
-    pub kind: Kind,
-    /// Its size in bytes (regular files).
-    pub size: u64,
-    /// Its contents; what the visitor does not read is skipped.
-    pub data: &'a mut dyn Read,
-}
-
-/// Errors of [`scan_archive`], for the caller to wrap.
-#[derive(Debug)]
-pub(super) enum ScanError<E> {
-    /// Reading the archive failed.
-    Io(io::Error),
-    /// A member has an absolute path or `..` in its path.
-    Unsafe(String),
-    /// From the visitor.
-    Visit(E),
-}
-
-/// Streams the tar archive at `path` (plain, gzip or zstd; skipping over unread contents
-/// when it is plain) and hands each member to `visit`, which may stop the scan. Members with
-/// an absolute path or a `..` component are refused; the root entry and pax global headers
-/// are skipped.
-pub(super) fn scan_archive<E>(
-    path: &Path,
-    mut visit: impl FnMut(Member<'_>) -> Result<ControlFlow<()>, E>,
-) -> Result<(), ScanError<E>> {
-    let mut file = File::open(path).map_err(ScanError::Io)?;
-    let mut head = [0u8; 4];
-    let mut n = 0;
-    while n < head.len() {
-        match file.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ScanError::Io(e)),
-        }
-    }
-    file.rewind().map_err(ScanError::Io)?;
-    let reader = BufReader::with_capacity(64 * 1024, file);
-    match Compression::sniff(&head[..n]) {
-        Some(Compression::Gzip) => {
-            let mut a = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
-            walk(a.entries().map_err(ScanError::Io)?, &mut visit)
-        }
-        Some(Compression::Zstd) => {
-            let dec = zstd::Decoder::with_buffer(reader).map_err(ScanError::Io)?;
-            let mut a = tar::Archive::new(dec);
-            walk(a.entries().map_err(ScanError::Io)?, &mut visit)
-        }
-        _ => {
-            let mut a = tar::Archive::new(reader);
-            walk(a.entries_with_seek().map_err(ScanError::Io)?, &mut visit)
-        }
-    }
-}
-
-fn walk<R: Read, E>(
-    entries: tar::Entries<'_, R>,
-    visit: &mut impl FnMut(Member<'_>) -> Result<ControlFlow<()>, E>,
-) -> Result<(), ScanError<E>> {
-    use tar::EntryType as T;
-    for (index, entry) in entries.enumerate() {
-        let mut entry = entry.map_err(ScanError::Io)?;
-        let entry_type = entry.header().entry_type();
-        if matches!(
-            entry_type,
-            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
-        ) {
-            continue;
-        }
-        let raw = entry.path_bytes().into_owned();
-        let name = match member_name(&raw) {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
-            Err(()) => {
-                return Err(ScanError::Unsafe(
-                    String::from_utf8_lossy(&raw).into_owned(),
-                ))
-            }
-        };
-        let link = || {
-            entry
-                .link_name_bytes()
-                .and_then(|l| String::from_utf8(l.into_owned()).ok())
-        };
-        let kind = match entry_type {
-            T::Regular | T::Continuous | T::GNUSparse => Kind::File,
-            T::Directory => Kind::Dir,
-            T::Symlink => link().map_or(Kind::Other, Kind::Symlink),
-            T::Link => link().map_or(Kind::Other, Kind::Hardlink),
-            _ => Kind::Other,
-        };
-        let size = entry.size();
-        let flow = visit(Member {
-            index,
-            name,
-            kind,
-            size,
-            data: &mut entry,
-        })
-        .map_err(ScanError::Visit)?;
-        if flow.is_break() {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Normalises a member path: `Ok(None)` for the root entry and for names that are not
-/// UTF-8 (no JSON document can name them), `Err` for absolute paths and `..` components.
-pub(super) fn member_name(raw: &[u8]) -> Result<Option<String>, ()> {
-    let Ok(s) = std::str::from_utf8(raw) else {
-        return Ok(None);
-    };
-    if s.starts_with('/') {
-        return Err(());
-    }
-    let mut parts = Vec::new();
-    for c in s.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err(()),
-            c => parts.push(c),
-        }
-    }
-    Ok((!parts.is_empty()).then(|| parts.join("/")))
-}
-
-/// Reads a whole member of `size` bytes if it is at most `cap`; `Ok(None)` if larger.
-pub(super) fn read_member(data: &mut dyn Read, size: u64, cap: u64) -> io::Result<Option<Vec<u8>>> {
-    if size > cap {
-        return Ok(None);
-    }
-    let mut buf = Vec::with_capacity(size as usize);
-    data.take(cap + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 != size {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("a member ends after {} of its {size} bytes", buf.len()),
-        ));
-    }
-    Ok(Some(buf))
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::image::archive::member_name;
 
     pub(crate) enum M<'a> {
         File(&'a str, Vec<u8>),
@@ -1315,11 +1098,11 @@ pub(super) mod tests {
         assert!(
             matches!(
                 e,
-                DockerArchiveError::DiffIdCount {
+                DockerArchiveError::Verify(VerifyError::DiffIdCount {
                     diff_ids: 0,
                     layers: 1,
                     ..
-                }
+                })
             ),
             "{e}"
         );
@@ -1329,7 +1112,10 @@ pub(super) mod tests {
             M::File("c.json", config(&[&other])),
             manifest("c.json", &["l.tar"]),
         ]);
-        assert!(matches!(e, DockerArchiveError::DiffId { .. }), "{e}");
+        assert!(
+            matches!(e, DockerArchiveError::Verify(VerifyError::DiffId { .. })),
+            "{e}"
+        );
 
         // Not a layer, not a config, missing members, unsafe names.
         let e = err(vec![
@@ -1343,7 +1129,13 @@ pub(super) mod tests {
             M::File("c.json", b"{}".to_vec()),
             manifest("c.json", &["l.tar"]),
         ]);
-        assert!(matches!(e, DockerArchiveError::InvalidConfig { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DockerArchiveError::Verify(VerifyError::InvalidConfig { .. })
+            ),
+            "{e}"
+        );
         let e = err(vec![
             M::File("c.json", good_config.clone()),
             manifest("c.json", &["l.tar"]),

@@ -18,22 +18,20 @@ use std::io::{self, BufReader, Read};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, OciLayout};
+use futures_util::FutureExt;
+use oci_spec::image::{Descriptor, Digest, ImageIndex, OciLayout};
 
-use super::docker_archive::{blob_name_digest, read_member, scan_archive, Kind, ScanError};
-use super::select::{self, Document, SelectError};
-use super::{Compression, Image, Layer, ResolveOptions, MAX_DOCUMENT_SIZE};
+use super::archive::{blob_name_digest, read_member, scan_archive, Kind, ScanError};
+use super::resolve::{self, BlobSource, Resolved, Top};
+use super::{Image, ResolveOptions, MAX_DOCUMENT_SIZE};
 use crate::cache::{digest_reader, Cache, CacheError, Hasher};
+use crate::oci::{self, verify, Document, SelectError, VerifyError, DOCKER_LIST, OCI_INDEX};
 use crate::reference::{ImageRef, Source};
 
 /// The annotation that tags an image in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The annotation containerd writes with the image's full name.
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
-/// OCI image configuration.
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Docker image configuration.
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// Errors of reading an OCI layout.
 #[derive(Debug, thiserror::Error)]
@@ -123,20 +121,6 @@ pub enum LayoutError {
         /// Their manifest digests.
         digests: String,
     },
-    /// A document larger than [`MAX_DOCUMENT_SIZE`].
-    #[error(
-        "{what} {digest} in {layout} is {size} bytes, more than the {MAX_DOCUMENT_SIZE} allowed"
-    )]
-    TooLarge {
-        /// The layout.
-        layout: String,
-        /// What the document is.
-        what: &'static str,
-        /// Its digest.
-        digest: String,
-        /// The size announced.
-        size: u64,
-    },
     /// A layout file (`index.json`, `oci-layout`) larger than [`MAX_DOCUMENT_SIZE`].
     #[error("{file} of {layout} is larger than the {MAX_DOCUMENT_SIZE} bytes allowed")]
     FileTooLarge {
@@ -163,79 +147,11 @@ pub enum LayoutError {
         /// The digest.
         digest: String,
     },
-    /// A blob whose size is not its descriptor's.
-    #[error("blob {digest} in {layout} is {actual} bytes, but its descriptor says {expected}")]
-    Size {
-        /// The layout.
-        layout: String,
-        /// The digest.
-        digest: String,
-        /// The descriptor's size.
-        expected: u64,
-        /// The blob's size.
-        actual: u64,
-    },
-    /// A blob whose digest is not its descriptor's.
-    #[error("blob {expected} in {layout} is corrupt: its content has digest {actual}")]
-    Digest {
-        /// The layout.
-        layout: String,
-        /// The descriptor's digest.
-        expected: String,
-        /// The digest of the content.
-        actual: String,
-    },
     /// `index.json` is not an image index.
     #[error("index.json of {layout} is not an image index")]
     NotAnIndex {
         /// The layout.
         layout: String,
-    },
-    /// The manifest's config is not an image configuration (an artifact).
-    #[error("manifest {manifest} in {layout} has a config of media type {media_type}, which is not a container image")]
-    NotAnImage {
-        /// The layout.
-        layout: String,
-        /// The manifest's digest.
-        manifest: String,
-        /// The config's media type.
-        media_type: String,
-    },
-    /// The configuration does not parse.
-    #[error("config {digest} in {layout} is not a valid image configuration: {reason}")]
-    InvalidConfig {
-        /// The layout.
-        layout: String,
-        /// The config's digest.
-        digest: String,
-        /// Why.
-        reason: String,
-    },
-    /// The configuration's `rootfs.diff_ids` do not match the manifest's layers.
-    #[error("config {digest} in {layout} lists {diff_ids} diff_ids, but manifest {manifest} has {layers} layers")]
-    DiffIdCount {
-        /// The layout.
-        layout: String,
-        /// The config's digest.
-        digest: String,
-        /// The manifest's digest.
-        manifest: String,
-        /// How many diff_ids.
-        diff_ids: usize,
-        /// How many layers.
-        layers: usize,
-    },
-    /// An uncompressed layer whose digest is not its DiffID.
-    #[error(
-        "layer {digest} in {layout} is an uncompressed tar, but the config gives diff_id {diff_id}"
-    )]
-    DiffId {
-        /// The layout.
-        layout: String,
-        /// The layer's digest.
-        digest: String,
-        /// The DiffID the config gives.
-        diff_id: String,
     },
     /// An archive member with an absolute path or `..` in its path.
     #[error("{archive} has a member with an unsafe path: {member}")]
@@ -263,6 +179,10 @@ pub enum LayoutError {
     /// From manifest parsing and platform selection.
     #[error(transparent)]
     Select(#[from] SelectError),
+    /// A document or blob that does not match its descriptor, or an image whose parts
+    /// disagree.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
 }
 
 /// Resolves an image from an OCI layout directory. `tag` is matched against the
@@ -291,7 +211,7 @@ pub fn resolve_dir(
         path: abs,
         tag: tag.map(str::to_string),
     };
-    Ok(r.into_image(source.to_string(), path))
+    Ok(into_image(r, source.to_string(), path))
 }
 
 /// Resolves an image from a tar of an OCI layout (plain, gzip or zstd). The archive is
@@ -371,7 +291,7 @@ pub fn resolve_archive(
         path: abs,
         tag: tag.map(str::to_string),
     };
-    Ok(r.into_image(source.to_string(), path))
+    Ok(into_image(r, source.to_string(), path))
 }
 
 /// Where a layout's blobs are.
@@ -416,48 +336,8 @@ impl Blobs<'_> {
                 source,
             })?
             .len();
-        if actual != d.size() {
-            return Err(LayoutError::Size {
-                layout: layout.to_string(),
-                digest: digest.to_string(),
-                expected: d.size(),
-                actual,
-            });
-        }
+        verify::size(d, actual, &blob_name(digest, layout))?;
         Ok((file, path))
-    }
-
-    /// Reads a manifest, index or config, refusing it before reading when its descriptor
-    /// announces more than [`MAX_DOCUMENT_SIZE`], and verifies it.
-    fn document(
-        &self,
-        d: &Descriptor,
-        what: &'static str,
-        layout: &str,
-    ) -> Result<Vec<u8>, LayoutError> {
-        if d.size() > MAX_DOCUMENT_SIZE {
-            return Err(LayoutError::TooLarge {
-                layout: layout.to_string(),
-                what,
-                digest: d.digest().to_string(),
-                size: d.size(),
-            });
-        }
-        let (file, path) = self.open(d, layout)?;
-        let mut bytes = Vec::with_capacity(d.size() as usize);
-        file.take(d.size() + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|source| LayoutError::Io { path, source })?;
-        let actual = {
-            let mut h = Hasher::for_digest(d.digest()).map_err(|_| LayoutError::Algorithm {
-                layout: layout.to_string(),
-                digest: d.digest().to_string(),
-            })?;
-            h.update(&bytes);
-            h.finish()
-        };
-        check(d, actual, bytes.len() as u64, layout)?;
-        Ok(bytes)
     }
 
     /// The verified file holding a layer blob.
@@ -472,29 +352,49 @@ impl Blobs<'_> {
                     },
                     e => e.into(),
                 })?;
-            check(d, actual, n, layout)?;
+            verify::digest(d, actual, n, &blob_name(d.digest(), layout))?;
         }
         Ok(path)
     }
 }
 
-fn check(d: &Descriptor, actual: Digest, n: u64, layout: &str) -> Result<(), LayoutError> {
-    if n != d.size() {
-        return Err(LayoutError::Size {
-            layout: layout.to_string(),
-            digest: d.digest().to_string(),
-            expected: d.size(),
-            actual: n,
-        });
+fn blob_name(digest: &Digest, layout: &str) -> String {
+    format!("blob {digest} in {layout}")
+}
+
+/// A layout's blobs as a [`BlobSource`]: nothing in it waits, so the walk over it finishes
+/// in one poll.
+struct LayoutSource<'a> {
+    blobs: &'a Blobs<'a>,
+    layout: &'a str,
+}
+
+impl BlobSource for LayoutSource<'_> {
+    type Error = LayoutError;
+
+    fn name(&self, kind: &str, digest: &Digest) -> String {
+        format!("{kind} {digest} in {}", self.layout)
     }
-    if &actual != d.digest() {
-        return Err(LayoutError::Digest {
-            layout: layout.to_string(),
-            expected: d.digest().to_string(),
-            actual: actual.to_string(),
-        });
+
+    async fn document(
+        &self,
+        d: &Descriptor,
+        _: resolve::Kind,
+        _: &str,
+    ) -> Result<Vec<u8>, LayoutError> {
+        let (file, path) = self.blobs.open(d, self.layout)?;
+        let mut bytes = Vec::with_capacity(d.size() as usize);
+        file.take(d.size() + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| LayoutError::Io { path, source })?;
+        Ok(bytes)
     }
-    Ok(())
+
+    async fn layers(&self, ds: &[Descriptor]) -> Result<Vec<PathBuf>, LayoutError> {
+        ds.iter()
+            .map(|d| self.blobs.layer(d, self.layout))
+            .collect()
+    }
 }
 
 /// Reads a small file of a layout directory; `None` if it does not exist.
@@ -525,28 +425,18 @@ fn read_small_file(
     Ok(Some(bytes))
 }
 
-/// A resolved layout image, before it is named.
-struct Resolved {
-    manifest_digest: Digest,
-    config: ImageConfiguration,
-    config_digest: Digest,
-    layers: Vec<Layer>,
-}
-
-impl Resolved {
-    fn into_image(self, source: String, path: &Path) -> Image {
-        Image {
-            source,
-            name: Source::OciDir {
-                path: path.to_path_buf(),
-                tag: None,
-            }
-            .name(),
-            manifest_digest: self.manifest_digest,
-            config: self.config,
-            config_digest: self.config_digest,
-            layers: self.layers,
+fn into_image(r: Resolved, source: String, path: &Path) -> Image {
+    Image {
+        source,
+        name: Source::OciDir {
+            path: path.to_path_buf(),
+            tag: None,
         }
+        .name(),
+        manifest_digest: r.manifest_digest,
+        config: r.config,
+        config_digest: r.config_digest,
+        layers: r.layers,
     }
 }
 
@@ -591,95 +481,31 @@ fn resolve_layout(
         });
     }
     let what = format!("index.json of {layout}");
-    let Document::Index(index) = select::parse_document(&index, None, &what)? else {
+    let Document::Index(index) = oci::parse_document(&index, None, &what)? else {
         return Err(LayoutError::NotAnIndex {
             layout: layout.to_string(),
         });
     };
 
     let entry = choose(&index, tag, layout, transport)?;
-    let entry_type = entry.media_type().to_string();
-    let what = format!("manifest {} in {layout}", entry.digest());
-    let bytes = blobs.document(entry, "manifest", layout)?;
-    let (desc, manifest) = match select::parse_document(&bytes, Some(&entry_type), &what)? {
-        Document::Manifest(m) => (entry.clone(), m),
-        Document::Index(idx) => {
-            let what = format!("image index {} in {layout}", entry.digest());
-            let desc = select::select_platform(&idx, &opts.platform, &what)?;
-            let what = format!("manifest {} in {layout}", desc.digest());
-            let bytes = blobs.document(desc, "manifest", layout)?;
-            match select::parse_document(&bytes, Some(desc.media_type().as_ref()), &what)? {
-                Document::Manifest(m) => (desc.clone(), m),
-                // `select_platform` only picks manifests, and `parse_document` refuses a
-                // document whose content disagrees with its media type, so this is only
-                // defence in depth.
-                Document::Index(_) => {
-                    return Err(SelectError::Ambiguous {
-                        what,
-                        why: "an image index lists it as a manifest, but it is an index".into(),
-                    }
-                    .into())
-                }
-            }
-        }
+    let src = LayoutSource { blobs, layout };
+    let kind = match entry.media_type().to_string().as_str() {
+        OCI_INDEX | DOCKER_LIST => "image index",
+        _ => "manifest",
     };
-
-    let cdesc = manifest.config();
-    let media_type = cdesc.media_type().to_string();
-    if media_type != OCI_CONFIG && media_type != DOCKER_CONFIG {
-        return Err(LayoutError::NotAnImage {
-            layout: layout.to_string(),
-            manifest: desc.digest().to_string(),
-            media_type,
-        });
-    }
-    let config_bytes = blobs.document(cdesc, "config", layout)?;
-    let (config, diff_ids) =
-        parse_config(&config_bytes).map_err(|reason| LayoutError::InvalidConfig {
-            layout: layout.to_string(),
-            digest: cdesc.digest().to_string(),
-            reason,
-        })?;
-    if diff_ids.len() != manifest.layers().len() {
-        return Err(LayoutError::DiffIdCount {
-            layout: layout.to_string(),
-            digest: cdesc.digest().to_string(),
-            manifest: desc.digest().to_string(),
-            diff_ids: diff_ids.len(),
-            layers: manifest.layers().len(),
-        });
-    }
-
-    let mut layers = Vec::with_capacity(diff_ids.len());
-    for (d, diff_id) in manifest.layers().iter().zip(diff_ids) {
-        let media_type = d.media_type().to_string();
-        let compression = Compression::from_media_type(&media_type, d.digest().as_ref())?;
-        if compression == Compression::None
-            && d.digest().algorithm() == diff_id.algorithm()
-            && d.digest() != &diff_id
-        {
-            return Err(LayoutError::DiffId {
-                layout: layout.to_string(),
-                digest: d.digest().to_string(),
-                diff_id: diff_id.to_string(),
-            });
-        }
-        let path = blobs.layer(d, layout)?;
-        layers.push(Layer {
-            digest: d.digest().clone(),
-            size: d.size(),
-            media_type,
-            compression,
-            diff_id,
-            path,
-        });
-    }
-    Ok(Resolved {
-        manifest_digest: desc.digest().clone(),
-        config,
-        config_digest: cdesc.digest().clone(),
-        layers,
-    })
+    let walk = async {
+        let what = src.name(kind, entry.digest());
+        let bytes = resolve::document(&src, entry, resolve::Kind::Manifest, &what).await?;
+        let top = Top {
+            bytes,
+            content_type: Some(entry.media_type().to_string()),
+            digest: entry.digest().clone(),
+            what,
+        };
+        resolve::resolve(&src, top, &opts.platform).await
+    };
+    walk.now_or_never()
+        .expect("a layout's blobs are read without waiting")
 }
 
 /// Picks the `index.json` entry `tag` names.
@@ -765,21 +591,6 @@ fn choose<'a>(
     }
 }
 
-/// Parses an image configuration and its `rootfs.diff_ids`; the error is the reason.
-pub(super) fn parse_config(bytes: &[u8]) -> Result<(ImageConfiguration, Vec<Digest>), String> {
-    let config: ImageConfiguration = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let diff_ids = config
-        .rootfs()
-        .diff_ids()
-        .iter()
-        .map(|d| {
-            d.parse::<Digest>()
-                .map_err(|e| format!("diff_id {d:?} is not a digest: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((config, diff_ids))
-}
-
 #[cfg(test)]
 mod tests {
     use std::process::Command;
@@ -788,7 +599,7 @@ mod tests {
 
     use super::super::docker_archive::tests::{config, gzip, layer, tar_of, M};
     use super::*;
-    use crate::image::select::{OCI_INDEX, OCI_MANIFEST};
+    use crate::oci::{Compression, OCI_CONFIG, OCI_MANIFEST};
 
     const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
     const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -1014,7 +825,10 @@ mod tests {
         bad[0] ^= 1;
         std::fs::write(blob(&l), &bad).unwrap();
         let e = f.resolve(None).unwrap_err();
-        assert!(matches!(e, LayoutError::Digest { .. }), "{e}");
+        assert!(
+            matches!(e, LayoutError::Verify(VerifyError::Digest { .. })),
+            "{e}"
+        );
         assert!(
             e.to_string()
                 .contains(&format!("blob {} in ", l["digest"].as_str().unwrap())),
@@ -1023,7 +837,7 @@ mod tests {
         std::fs::write(blob(&l), &tar[..100]).unwrap();
         assert!(matches!(
             f.resolve(None).unwrap_err(),
-            LayoutError::Size { actual: 100, .. }
+            LayoutError::Verify(VerifyError::Size { actual: 100, .. })
         ));
         std::fs::remove_file(blob(&l)).unwrap();
         assert!(matches!(
@@ -1040,10 +854,8 @@ mod tests {
         assert!(
             matches!(
                 e,
-                LayoutError::TooLarge {
-                    what: "manifest",
-                    ..
-                }
+                LayoutError::Verify(VerifyError::TooLarge { ref what, .. })
+                    if what.starts_with("manifest ")
             ),
             "{e}"
         );
@@ -1063,11 +875,11 @@ mod tests {
         assert!(
             matches!(
                 e,
-                LayoutError::DiffIdCount {
+                LayoutError::Verify(VerifyError::DiffIdCount {
                     diff_ids: 1,
                     layers: 2,
                     ..
-                }
+                })
             ),
             "{e}"
         );
@@ -1075,19 +887,19 @@ mod tests {
         f.index(&[f.manifest(other, vec![l.clone()])]);
         assert!(matches!(
             f.resolve(None).unwrap_err(),
-            LayoutError::DiffId { .. }
+            LayoutError::Verify(VerifyError::DiffId { .. })
         ));
         let artifact = f.blob("application/vnd.cncf.helm.config.v1+json", b"{}");
         f.index(&[f.manifest(artifact, vec![])]);
         assert!(matches!(
             f.resolve(None).unwrap_err(),
-            LayoutError::NotAnImage { .. }
+            LayoutError::Verify(VerifyError::NotAnImage { .. })
         ));
         let broken = f.blob(OCI_CONFIG, b"{\"os\": 1}");
         f.index(&[f.manifest(broken, vec![])]);
         assert!(matches!(
             f.resolve(None).unwrap_err(),
-            LayoutError::InvalidConfig { .. }
+            LayoutError::Verify(VerifyError::InvalidConfig { .. })
         ));
         let mut not_a_layer = l.clone();
         not_a_layer["mediaType"] = json!("application/vnd.oci.image.config.v1+json");

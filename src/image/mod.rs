@@ -3,7 +3,8 @@
 //! Whatever the transport (a registry, an OCI layout, an `oci-archive` or a `docker save`
 //! archive), resolving gives the same thing: the image configuration and the list of layer
 //! blobs as files whose digest and size have been verified, in order, each with the DiffID the
-//! configuration promises for it.
+//! configuration promises for it. [`resolve`] walks every transport's documents the same way;
+//! the transport modules only fetch.
 
 use std::path::PathBuf;
 
@@ -14,14 +15,16 @@ use crate::progress::Progress;
 use crate::reference::Source;
 use crate::registry::RegistryOptions;
 
+pub(crate) mod archive;
 pub mod docker_archive;
 pub mod layout;
-pub mod select;
+pub mod registry;
+pub(crate) mod resolve;
 
-pub use select::{Compression, Platform};
+#[cfg(test)]
+mod defects;
 
-/// Largest manifest, index or config document accepted, from any transport.
-pub const MAX_DOCUMENT_SIZE: u64 = 4 * 1024 * 1024;
+pub use crate::oci::{Compression, Platform, MAX_DOCUMENT_SIZE};
 
 /// One layer of a resolved image.
 #[derive(Debug, Clone)]
@@ -85,7 +88,20 @@ pub enum ImageError {
     DockerArchive(#[from] docker_archive::DockerArchiveError),
     /// From manifest parsing and selection.
     #[error(transparent)]
-    Select(#[from] select::SelectError),
+    Select(#[from] crate::oci::SelectError),
+}
+
+impl ImageError {
+    /// The integrity error underneath, whichever transport found it: the same defect gives
+    /// the same [`crate::oci::VerifyError`] from every transport.
+    pub fn verify(&self) -> Option<&crate::oci::VerifyError> {
+        match self {
+            Self::Registry(crate::registry::RegistryError::Verify(e)) => Some(e),
+            Self::Layout(layout::LayoutError::Verify(e)) => Some(e),
+            Self::DockerArchive(docker_archive::DockerArchiveError::Verify(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Resolves `source` into an [`Image`] whose layer blobs are verified files.
@@ -96,7 +112,7 @@ pub async fn resolve(
     progress: &Progress,
 ) -> Result<Image, ImageError> {
     match source {
-        Source::Registry(r) => Ok(crate::registry::pull(r, opts, cache, progress).await?),
+        Source::Registry(r) => Ok(registry::pull(r, opts, cache, progress).await?),
         Source::OciDir { path, tag } => Ok(layout::resolve_dir(path, tag.as_deref(), opts)?),
         Source::OciArchive { path, tag } => {
             Ok(layout::resolve_archive(path, tag.as_deref(), opts, cache)?)

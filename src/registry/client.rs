@@ -31,8 +31,7 @@ use super::retry::{self, Failure, Policy, Retrier};
 use super::transport::{self, BodyError, BoundAuth, Payload, SendError, Transport};
 use super::{Cause, RegistryError, RegistryOptions};
 use crate::cache::{BlobWriter, Cache, CacheError, Hasher};
-use crate::image::select::MANIFEST_ACCEPT;
-use crate::image::MAX_DOCUMENT_SIZE;
+use crate::oci::{MANIFEST_ACCEPT, MAX_DOCUMENT_SIZE};
 use crate::progress::Progress;
 use crate::reference::ImageRef;
 

@@ -1,5 +1,5 @@
-//! The distribution protocol: a reference in, a resolved image with verified blobs in the
-//! cache out.
+//! The distribution protocol: a reference in, manifests and verified blobs in the cache out,
+//! and blobs and manifests pushed.
 //!
 //! The client speaks the OCI distribution protocol on `reqwest` directly rather than through
 //! `oci-client` 0.18, which falls short here: its pulls have no retries (let alone
@@ -8,7 +8,8 @@
 //! only for registries listed up front (`ClientProtocol::HttpsExcept`), with no loopback
 //! fallback. Following redirects by hand (rather than with reqwest's policy) also keeps the
 //! rule "`Authorization` goes to the registry's origin only" in one place. The documents
-//! themselves are `oci-spec` types, parsed and selected by [`crate::image::select`].
+//! themselves are `oci-spec` types, parsed and selected by [`crate::oci`]; the walk from a reference to an image
+//! is `image::registry`'s.
 //!
 //! - `transport`: the HTTP clients (system roots plus `--ca-cert`, `--insecure`), manual
 //!   redirects that drop `Authorization` on leaving the registry, capped body reads.
@@ -22,15 +23,11 @@
 
 use std::path::PathBuf;
 
-use futures_util::{StreamExt, TryStreamExt};
-use oci_spec::image::{Digest, ImageConfiguration, ImageManifest};
+use oci_spec::image::Digest;
 use reqwest::StatusCode;
 
-use crate::cache::{Cache, CacheError};
-use crate::image::select::{self, Document, SelectError};
-use crate::image::{Compression, Image, Layer, ResolveOptions, MAX_DOCUMENT_SIZE};
-use crate::progress::Progress;
-use crate::reference::ImageRef;
+use crate::cache::CacheError;
+use crate::oci::{SelectError, UnsupportedAlgorithm, VerifyError};
 
 pub(crate) mod auth;
 pub(crate) mod client;
@@ -39,15 +36,9 @@ pub(crate) mod retry;
 pub(crate) mod transport;
 
 #[cfg(test)]
-mod fake;
-#[cfg(test)]
-mod tests;
+pub(crate) mod fake;
 
 pub use client::BlobPush;
-use client::{Session, Tuning};
-
-/// How many blobs are downloaded at once.
-const CONCURRENT_BLOBS: usize = 4;
 
 /// How to reach and authenticate to registries.
 #[derive(Clone, Default)]
@@ -192,7 +183,7 @@ pub enum RegistryError {
         /// The blob.
         digest: Digest,
     },
-    /// A document exceeds [`MAX_DOCUMENT_SIZE`].
+    /// A document exceeds [`crate::oci::MAX_DOCUMENT_SIZE`].
     #[error("{what} is larger than the limit of {limit} bytes")]
     TooLarge {
         /// The document.
@@ -268,38 +259,10 @@ pub enum RegistryError {
         #[source]
         source: Box<CacheError>,
     },
-    /// The manifest is not a container image's.
-    #[error("{reference} is not a container image: its config has media type {media_type}")]
-    NotAnImage {
-        /// The manifest's reference.
-        reference: String,
-        /// The config media type found.
-        media_type: String,
-    },
-    /// The image config does not parse.
-    #[error("the image config {digest} is invalid: {reason}")]
-    Config {
-        /// The config blob.
-        digest: Digest,
-        /// The parser's message.
-        reason: String,
-    },
-    /// The config's DiffIDs do not correspond to the manifest's layers.
-    #[error("the image config {digest} lists {diff_ids} layer DiffIDs, but the manifest has {layers} layers")]
-    LayerCount {
-        /// The config blob.
-        digest: Digest,
-        /// DiffIDs in the config.
-        diff_ids: usize,
-        /// Layers in the manifest.
-        layers: usize,
-    },
-    /// An index entry that is itself an index.
-    #[error("{what} is an image index inside an image index, which is not supported")]
-    NestedIndex {
-        /// The inner index.
-        what: String,
-    },
+    /// A document or blob that does not match its descriptor, or an image whose parts
+    /// disagree.
+    #[error(transparent)]
+    Verify(Box<VerifyError>),
     /// From manifest parsing and platform selection.
     #[error(transparent)]
     Select(Box<SelectError>),
@@ -318,6 +281,18 @@ impl From<SelectError> for RegistryError {
 impl From<CacheError> for RegistryError {
     fn from(e: CacheError) -> Self {
         Self::Cache(Box::new(e))
+    }
+}
+
+impl From<VerifyError> for RegistryError {
+    fn from(e: VerifyError) -> Self {
+        Self::Verify(Box::new(e))
+    }
+}
+
+impl From<UnsupportedAlgorithm> for RegistryError {
+    fn from(e: UnsupportedAlgorithm) -> Self {
+        CacheError::from(e).into()
     }
 }
 
@@ -346,193 +321,4 @@ pub enum Cause {
     /// A `Range` answer that does not match what was asked.
     #[error("the server answered a range request with {0}")]
     BadRange(String),
-}
-
-/// Pulls `r`: negotiates the manifest, picks the platform, fetches config and layers into the
-/// cache (verified), and returns the resolved image.
-pub async fn pull(
-    r: &ImageRef,
-    opts: &ResolveOptions,
-    cache: &Cache,
-    progress: &Progress,
-) -> Result<Image, RegistryError> {
-    pull_with(r, opts, cache, progress, &Tuning::default()).await
-}
-
-/// [`pull`] with explicit timings (tests shorten the backoff).
-pub(crate) async fn pull_with(
-    r: &ImageRef,
-    opts: &ResolveOptions,
-    cache: &Cache,
-    progress: &Progress,
-    tuning: &Tuning,
-) -> Result<Image, RegistryError> {
-    let session = Session::connect(r, &opts.registry, tuning).await?;
-    let shown = r.to_string();
-    let pinned = r
-        .digest()
-        .map(|d| d.parse::<Digest>())
-        .transpose()
-        .map_err(|e| RegistryError::DigestMismatch {
-            what: shown.clone(),
-            expected: r.digest().unwrap_or_default().to_string(),
-            actual: e.to_string(),
-        })?;
-    let top = session
-        .fetch_manifest(
-            r.manifest_reference(),
-            &shown,
-            pinned.as_ref().map(|d| (d, None)),
-        )
-        .await?;
-    let (manifest, manifest_digest, manifest_shown) = match select::parse_document(
-        &top.bytes,
-        top.content_type.as_deref(),
-        &shown,
-    )? {
-        Document::Manifest(m) => (*m, top.digest, shown.clone()),
-        Document::Index(index) => {
-            let desc = select::select_platform(&index, &opts.platform, &shown)?;
-            let child_shown = r.with_digest(desc.digest().as_ref()).to_string();
-            tracing::debug!(platform = %opts.platform, manifest = %desc.digest(), "picked from the index");
-            let child = session
-                .fetch_manifest(
-                    desc.digest().as_ref(),
-                    &child_shown,
-                    Some((desc.digest(), Some(desc.size()))),
-                )
-                .await?;
-            let media_type = desc.media_type().to_string();
-            let content_type = child.content_type.as_deref().or(Some(&media_type));
-            match select::parse_document(&child.bytes, content_type, &child_shown)? {
-                Document::Manifest(m) => (*m, child.digest, child_shown),
-                Document::Index(_) => return Err(RegistryError::NestedIndex { what: child_shown }),
-            }
-        }
-    };
-    let (config, config_digest) = fetch_config(&session, &manifest, &manifest_shown, cache).await?;
-    let layers = fetch_layers(
-        &session,
-        &manifest,
-        &config,
-        &config_digest,
-        cache,
-        progress,
-    )
-    .await?;
-    Ok(Image {
-        source: shown,
-        name: r.name().to_string(),
-        manifest_digest,
-        config,
-        config_digest,
-        layers,
-    })
-}
-
-async fn fetch_config(
-    session: &Session,
-    manifest: &ImageManifest,
-    manifest_shown: &str,
-    cache: &Cache,
-) -> Result<(ImageConfiguration, Digest), RegistryError> {
-    let desc = manifest.config();
-    let media_type = desc.media_type().to_string();
-    if !matches!(
-        media_type.as_str(),
-        "application/vnd.oci.image.config.v1+json"
-            | "application/vnd.docker.container.image.v1+json"
-    ) {
-        return Err(RegistryError::NotAnImage {
-            reference: manifest_shown.to_string(),
-            media_type,
-        });
-    }
-    let digest = desc.digest().clone();
-    let what = format!("image config {digest}");
-    if desc.size() > MAX_DOCUMENT_SIZE {
-        return Err(RegistryError::TooLarge {
-            what,
-            limit: MAX_DOCUMENT_SIZE,
-        });
-    }
-    let path = session
-        .fetch_blob(cache, &digest, desc.size(), &what, None)
-        .await?;
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|source| CacheError::Io { path, source })?;
-    let config: ImageConfiguration =
-        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Config {
-            digest: digest.clone(),
-            reason: e.to_string(),
-        })?;
-    Ok((config, digest))
-}
-
-async fn fetch_layers(
-    session: &Session,
-    manifest: &ImageManifest,
-    config: &ImageConfiguration,
-    config_digest: &Digest,
-    cache: &Cache,
-    progress: &Progress,
-) -> Result<Vec<Layer>, RegistryError> {
-    let descs = manifest.layers();
-    let diff_ids = config.rootfs().diff_ids();
-    if diff_ids.len() != descs.len() {
-        return Err(RegistryError::LayerCount {
-            digest: config_digest.clone(),
-            diff_ids: diff_ids.len(),
-            layers: descs.len(),
-        });
-    }
-    let mut planned = Vec::with_capacity(descs.len());
-    for (desc, diff_id) in descs.iter().zip(diff_ids) {
-        let media_type = desc.media_type().to_string();
-        let compression = Compression::from_media_type(&media_type, desc.digest().as_ref())?;
-        let diff_id: Digest = diff_id.parse().map_err(|e| RegistryError::Config {
-            digest: config_digest.clone(),
-            reason: format!("DiffID {diff_id:?}: {e}"),
-        })?;
-        planned.push((desc, media_type, compression, diff_id));
-    }
-    // A blob listed twice (the same layer reused) is fetched once. The stream owns its items:
-    // borrowed ones would make the future lose `Send` (rust-lang/rust#102211).
-    let mut unique: Vec<(Digest, u64)> = Vec::new();
-    for (desc, ..) in &planned {
-        if !unique.iter().any(|(d, _)| d == desc.digest()) {
-            unique.push((desc.digest().clone(), desc.size()));
-        }
-    }
-    let paths: Vec<(Digest, PathBuf)> = futures_util::stream::iter(unique)
-        .map(|(digest, size)| async move {
-            let what = format!("layer {digest}");
-            let label = format!("{:.12}", digest.digest());
-            let path = session
-                .fetch_blob(cache, &digest, size, &what, Some((progress, &label)))
-                .await?;
-            Ok::<_, RegistryError>((digest, path))
-        })
-        .buffer_unordered(CONCURRENT_BLOBS)
-        .try_collect()
-        .await?;
-    Ok(planned
-        .into_iter()
-        .map(|(desc, media_type, compression, diff_id)| {
-            let path = paths
-                .iter()
-                .find(|(d, _)| d == desc.digest())
-                .map(|(_, p)| p.clone())
-                .expect("every layer was fetched");
-            Layer {
-                digest: desc.digest().clone(),
-                size: desc.size(),
-                media_type,
-                compression,
-                diff_id,
-                path,
-            }
-        })
-        .collect())
 }

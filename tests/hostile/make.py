@@ -355,6 +355,19 @@ case(
     docker_archive([gz(tar(*BASE, header("cut", b"0", 4096) + b"only this much", end=False))]),
 )
 
+# The archive transports' own tar, read with the same hardened reader as the layers: a pax
+# record set larger than the reader's 1 MiB cap ahead of the first member (gzip-compressed, so
+# the files stay small), and a member cut short.
+MAX_SPECIAL = 1 << 20  # src/tar/mod.rs
+BIG_PAX = pax([("comment", "x" * MAX_SPECIAL)])
+case("archive-pax-oversize-docker.tar.gz", gz(BIG_PAX + docker_archive([layer()])))
+case("archive-pax-oversize-oci.tar.gz", gz(BIG_PAX + Layout([layer()]).archive()))
+CUT = docker_archive([layer()], extra=[file("padding", b"\0" * 4096)])
+case("archive-truncated-docker.tar", CUT[: len(CUT) - 1024 - 2000])
+CUT = Layout([layer()]).archive()
+# The last member is `oci-layout`: cut ten bytes into its data.
+case("archive-truncated-oci.tar", CUT[: len(CUT) - 1024 - 512 + 10])
+
 
 def main():
     for name, data in sorted(CASES.items()):

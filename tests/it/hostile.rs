@@ -646,6 +646,43 @@ fn tar_header_desync_is_refused() {
     );
 }
 
+/// The archive transports read their own tar with the reader the layers are read with, so a
+/// malformed archive is refused for the reason a malformed layer is.
+#[test]
+fn malformed_archives_are_refused_as_malformed_layers_are() {
+    const PAX: &str =
+        "malformed tar entry \"PaxHeader\": a pax header of 1048593 bytes (at most 1048576 are accepted)";
+    const CUT: &str = "the tar stream ends inside an entry";
+    for (source, name, needle) in [
+        (
+            docker("archive-pax-oversize-docker.tar.gz"),
+            "archive-pax-oversize-docker.tar.gz",
+            PAX,
+        ),
+        (
+            oci_archive("archive-pax-oversize-oci.tar.gz"),
+            "archive-pax-oversize-oci.tar.gz",
+            PAX,
+        ),
+        (
+            docker("archive-truncated-docker.tar"),
+            "archive-truncated-docker.tar",
+            CUT,
+        ),
+        (
+            oci_archive("archive-truncated-oci.tar"),
+            "archive-truncated-oci.tar",
+            CUT,
+        ),
+    ] {
+        Site::new().refused(
+            &source,
+            &[],
+            &[&hostile(name).display().to_string(), needle],
+        );
+    }
+}
+
 /// A docker-archive of one image whose only layer is `layer`, written to `path`.
 fn write_docker_archive(path: &Path, layer: &[u8]) {
     let config = format!(

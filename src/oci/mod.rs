@@ -1,15 +1,31 @@
-//! Manifest negotiation: document bytes in, an image manifest (or the index entry to follow)
-//! out.
+//! The OCI document model, with no I/O: media types, the document size cap, manifest and
+//! index parsing, platform selection, layer compression, image configurations and the
+//! integrity checks every blob passes.
 //!
-//! Shared by every transport. It knows the OCI and Docker schema 2 media types, refuses
-//! schema 1 and documents whose kind cannot be told apart, picks the platform from an image
-//! index or manifest list, and maps layer media types to their compression.
+//! Shared by every transport and by the registry protocol below them. It knows the OCI and
+//! Docker schema 2 media types, refuses schema 1 and documents whose kind cannot be told
+//! apart, picks the platform from an image index or manifest list, and maps layer media types
+//! to their compression.
 
 use std::fmt;
 use std::str::FromStr;
 
-use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::Deserialize;
+
+pub mod digest;
+pub mod verify;
+
+pub use digest::{Hasher, UnsupportedAlgorithm};
+pub use verify::VerifyError;
+
+/// Largest manifest, index or config document accepted, from any transport.
+pub const MAX_DOCUMENT_SIZE: u64 = 4 * 1024 * 1024;
+
+/// OCI image configuration.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Docker image configuration.
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -378,6 +394,21 @@ impl fmt::Display for Compression {
             Self::Zstd => "zstd",
         })
     }
+}
+
+/// Parses an image configuration and its `rootfs.diff_ids`; the error is the reason.
+pub fn parse_config(bytes: &[u8]) -> Result<(ImageConfiguration, Vec<Digest>), String> {
+    let config: ImageConfiguration = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let diff_ids = config
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| {
+            d.parse::<Digest>()
+                .map_err(|e| format!("diff_id {d:?} is not a digest: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((config, diff_ids))
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
-//! Pulls from the in-memory registry of [`super::fake`], with faults injected.
+//! Pulls from the in-memory registry of [`crate::registry::fake`], with faults injected.
 
 use std::time::{Duration, Instant};
 
-use super::fake::{self, Auth, Content, Fault, Registry, REPO};
 use super::*;
-use crate::image::Platform;
+use crate::image::{Compression, Platform};
 use crate::reference::ImageRef;
+use crate::registry::fake::{self, Auth, Content, Fault, Registry, REPO};
+use crate::registry::{retry, RegistryOptions};
 
 fn tuning() -> Tuning {
     Tuning {
