@@ -45,8 +45,7 @@ use super::ahead::{self, Ahead};
 use super::{is_private, lossy, RootfsError};
 use crate::flatten::{InodeId, Kind, Tree};
 
-/// Where the root image goes in the initramfs.
-pub const ROOT_IMAGE_PATH: &str = "/.oci2uk/root.squashfs";
+pub use oci2uk_config::guest::ROOT_IMAGE_PATH;
 
 /// The modules the init needs to mount the root image: the loop device, the file system and
 /// the overlay that makes it writable.
