@@ -1,9 +1,9 @@
 //! Reading a baked file back: the command line, the memory record, the initramfs and the
 //! launch configuration inside it, without booting it (for `push` and `inspect`).
 //!
-//! The bake's segment is the PT_LOAD with the highest physical address; its layout is
-//! [`crate::bake::layout`]: the command line at `CMDLINE_OFFSET`, the module list entry (the
-//! initramfs's address and size) at `MODLIST_OFFSET`.
+//! The bake's segment is the PT_LOAD with the highest physical address; its parts are at the
+//! offsets in [`crate::bake::segment`]: the command line at `CMDLINE_OFFSET`, the module list
+//! entry (the initramfs's address and size) at `MODLIST_OFFSET`.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use oci2uk_config::guest;
 use oci2uk_config::Config as RumpConfig;
 
-use crate::bake::layout::{CMDLINE_OFFSET, COMMAND_LINE_SIZE, INITRAMFS_OFFSET, MODLIST_OFFSET};
+use crate::bake::pvh::COMMAND_LINE_SIZE;
+use crate::bake::segment::{CMDLINE_OFFSET, INITRAMFS_OFFSET, MODLIST_OFFSET};
 use crate::cache::Hasher;
 use crate::kernel::decompress::Compression;
 
