@@ -800,7 +800,10 @@ fn keep_vmlinux(cache: &Cache, index: &Path, vmlinux: &[u8]) -> Result<(), Build
 
 /// The baked command line: [`BAKED_CMDLINE`], the TSC frequency, and the memory record.
 fn baked_cmdline(memory_mib: u64, tsc_khz: u64) -> String {
-    format!("{BAKED_CMDLINE} tsc_early_khz={tsc_khz} oci2uk.memory={memory_mib}M")
+    format!(
+        "{BAKED_CMDLINE} tsc_early_khz={tsc_khz} {}",
+        oci2uk_config::guest::memory_param(memory_mib)
+    )
 }
 
 /// The variable that sets the baked TSC frequency, in kHz.

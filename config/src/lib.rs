@@ -12,16 +12,20 @@
 //! - [`overlay`]: the deep merge of an override, and the `oci2uk.config=` kernel parameter.
 //! - [`words`]: shell-like splitting of rumprun's `cmdline` string.
 //! - [`signal`]: signal names as images spell them (`SIGQUIT`, `QUIT`, `3`).
+//! - [`guest`]: what the host and the init agree on besides the configuration: paths in the
+//!   guest, kernel parameters, and the status line.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod guest;
 pub mod model;
 pub mod normalize;
 pub mod overlay;
 pub mod signal;
 pub mod words;
 
+pub use guest::{StatusLine, CONFIG_PATH, OVERRIDE_PARAM};
 pub use model::{
     Addr, Config, Dns, Family, Gateway, Interface, Method, Mount, MountSource, Net, Oci2uk, Rc,
     RunMode, User,
@@ -29,13 +33,9 @@ pub use model::{
 pub use normalize::normalize;
 pub use overlay::{
     decode_override, encode_override, find_override, kernel_params, load, merge, parse,
-    OVERRIDE_PARAM,
 };
 pub use signal::{parse_signal, signal_name};
 pub use words::split_words;
-
-/// The path of the configuration inside the guest.
-pub const CONFIG_PATH: &str = "/rumpconfig.json";
 
 /// Why a configuration could not be read.
 #[derive(Debug, thiserror::Error)]

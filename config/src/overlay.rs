@@ -11,12 +11,10 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
 use serde_json::{Map, Value};
 
+use crate::guest::OVERRIDE_PARAM;
 use crate::model::Config;
 use crate::normalize::normalize_text;
 use crate::{Error, Result};
-
-/// The kernel parameter carrying the override.
-pub const OVERRIDE_PARAM: &str = "oci2uk.config";
 
 const B64URL: GeneralPurpose = GeneralPurpose::new(
     &alphabet::URL_SAFE,

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use oci2uk_config::{Config, Rc, RunMode};
+use oci2uk_config::{Config, Rc, RunMode, StatusLine};
 
 use crate::console::{line, step};
 use crate::sys::{self, Exit, SignalFd, Spawn, SpawnStep};
@@ -37,9 +37,10 @@ const SHUTDOWN: [i32; 2] = [libc::SIGINT, libc::SIGPWR];
 /// The status line the host reads.
 pub fn status_line(exit: Exit) -> String {
     match exit {
-        Exit::Status(n) => format!("oci2uk: exit status {n}"),
-        Exit::Signal(n) => format!("oci2uk: killed by signal {n}"),
+        Exit::Status(n) => StatusLine::Exited(n),
+        Exit::Signal(n) => StatusLine::Signalled(n),
     }
+    .format()
 }
 
 /// The environment: exactly the configuration's, plus `PATH` when it has none.

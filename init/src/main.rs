@@ -24,7 +24,8 @@ mod sys;
 
 use std::time::Duration;
 
-use oci2uk_config::{find_override, kernel_params, Config, CONFIG_PATH};
+use oci2uk_config::guest::{CONFIG_PATH, DEBUG_PARAM, ROOT_IMAGE_PATH, UNPACKED_PATH};
+use oci2uk_config::{find_override, kernel_params, Config, StatusLine};
 
 use crate::console::step;
 
@@ -71,30 +72,27 @@ fn main() {
         Ok(exit) => app::status_line(exit),
         Err(e) => {
             console::error(&e.msg);
-            format!("oci2uk: exit status {}", e.status)
+            StatusLine::Exited(e.status).format()
         }
     };
     app::power_off(Some(status))
 }
-
-/// The last entry of every initramfs oci2uk writes.
-const UNPACKED_MARKER: &str = "/.oci2uk/unpacked";
 
 fn boot() -> Result<sys::Exit, Error> {
     fs::mount_kernel_filesystems()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let debug = kernel_params(&cmdline)
         .iter()
-        .any(|(k, v)| k == "oci2uk.debug" && v.as_deref().is_none_or(|v| v != "0"));
+        .any(|(k, v)| k == DEBUG_PARAM && v.as_deref().is_none_or(|v| v != "0"));
     console::set_debug(debug);
     step(|| "kernel file systems mounted".into());
 
     // The initramfs ends with this marker: without it, the kernel ran out of memory while
     // unpacking (it says "Initramfs unpacking failed" and starts the init anyway). No status
     // line: the application never ran, and the host reports a failure of the VM.
-    if !std::path::Path::new(UNPACKED_MARKER).exists() {
+    if !std::path::Path::new(UNPACKED_PATH).exists() {
         console::error(&format!(
-            "the image was cut short while unpacking ({UNPACKED_MARKER} is missing): \
+            "the image was cut short while unpacking ({UNPACKED_PATH} is missing): \
              the guest needs more memory; give it what `oci2uk build` reported"
         ));
         app::power_off(None);
@@ -129,7 +127,7 @@ fn boot() -> Result<sys::Exit, Error> {
     // writes, before anything is mounted or written for the application.
     if root::present() {
         root::switch()?;
-        step(|| format!("{} mounted as the root", root::ROOT_IMAGE));
+        step(|| format!("{ROOT_IMAGE_PATH} mounted as the root"));
     }
     sup.watch_power_button();
 

@@ -1,5 +1,5 @@
 //! The read-only root image (`oci2uk build --rootfs squashfs`): the initramfs holds the init,
-//! the config, the modules and [`ROOT_IMAGE`]; the init attaches the image to a loop device,
+//! the config, the modules and [`ROOT_IMAGE_PATH`]; the init attaches the image to a loop device,
 //! mounts it read-only, puts a tmpfs overlay over it for writes, moves the kernel's file
 //! systems into the overlay and makes it the root, as `switch_root` does (`chdir`, `mount
 //! --move` onto `/`, `chroot`). oci2uk's directory (init, modules) is bound into the new root
@@ -11,24 +11,21 @@ use std::os::unix::fs::{chown, DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use libc::c_ulong;
+use oci2uk_config::guest::{PRIVATE_DIR, ROOT_IMAGE_PATH};
 
 use crate::sys;
 use crate::Error;
 
-/// The root image in the initramfs.
-pub const ROOT_IMAGE: &str = "/.oci2uk/root.squashfs";
 /// Where the image is mounted.
 const LOWER: &str = "/.oci2uk/lower";
 /// The tmpfs for the overlay's upper and work directories.
 const RW: &str = "/.oci2uk/rw";
 /// Where the overlay is mounted before it becomes the root.
 const NEWROOT: &str = "/.oci2uk/newroot";
-/// oci2uk's own directory.
-const PRIVATE: &str = "/.oci2uk";
 
 /// Whether the initramfs has a root image.
 pub fn present() -> bool {
-    Path::new(ROOT_IMAGE).is_file()
+    Path::new(ROOT_IMAGE_PATH).is_file()
 }
 
 fn mkdir(path: &str, mode: u32) -> Result<(), Error> {
@@ -81,13 +78,13 @@ pub fn switch() -> Result<(), Error> {
              the module loop.ko did not load (see the warnings above)",
         ));
     }
-    let image =
-        File::open(ROOT_IMAGE).map_err(|e| Error::io(format!("opening {ROOT_IMAGE}"), e))?;
-    let dev = sys::loop_attach(&image, ROOT_IMAGE)
-        .map_err(|e| Error::io(format!("attaching {ROOT_IMAGE} to a loop device"), e))?;
+    let image = File::open(ROOT_IMAGE_PATH)
+        .map_err(|e| Error::io(format!("opening {ROOT_IMAGE_PATH}"), e))?;
+    let dev = sys::loop_attach(&image, ROOT_IMAGE_PATH)
+        .map_err(|e| Error::io(format!("attaching {ROOT_IMAGE_PATH} to a loop device"), e))?;
     drop(image);
     let dev = dev.display().to_string();
-    crate::console::step(|| format!("{ROOT_IMAGE} on {dev}"));
+    crate::console::step(|| format!("{ROOT_IMAGE_PATH} on {dev}"));
 
     mkdir(LOWER, 0o700)?;
     mount(
@@ -127,13 +124,13 @@ pub fn switch() -> Result<(), Error> {
         sys::mount(d, Path::new(&target), "", libc::MS_MOVE, None)
             .map_err(|e| Error::io(format!("moving {d} into the root image"), e))?;
     }
-    let private = format!("{NEWROOT}{PRIVATE}");
+    let private = format!("{NEWROOT}{PRIVATE_DIR}");
     ensure_mountpoint(&private)?;
     fs::set_permissions(&private, fs::Permissions::from_mode(0o755))
         .map_err(|e| Error::io(format!("setting the mode of {private}"), e))?;
     mount(
         "oci2uk's directory",
-        PRIVATE,
+        PRIVATE_DIR,
         &private,
         "",
         libc::MS_BIND,

@@ -1,20 +1,21 @@
 //! Reading a baked file back: the command line, the memory record, the initramfs and the
 //! launch configuration inside it, without booting it (for `push` and `inspect`).
 //!
-//! The bake's segment is the PT_LOAD with the highest physical address; its layout is
-//! [`crate::bake::layout`]: the command line at `CMDLINE_OFFSET`, the module list entry (the
-//! initramfs's address and size) at `MODLIST_OFFSET`.
+//! The bake's segment is the PT_LOAD with the highest physical address; its parts are at the
+//! offsets in [`crate::bake::segment`]: the command line at `CMDLINE_OFFSET`, the module list
+//! entry (the initramfs's address and size) at `MODLIST_OFFSET`.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use oci2uk_config::guest;
 use oci2uk_config::Config as RumpConfig;
 
-use crate::bake::layout::{CMDLINE_OFFSET, COMMAND_LINE_SIZE, MODLIST_OFFSET};
+use crate::bake::pvh::COMMAND_LINE_SIZE;
+use crate::bake::segment::{CMDLINE_OFFSET, INITRAMFS_OFFSET, MODLIST_OFFSET};
 use crate::cache::Hasher;
 use crate::kernel::decompress::Compression;
-use crate::rootfs::CONFIG_PATH;
 
 /// The largest launch configuration read back.
 const MAX_CONFIG: u64 = 4 << 20;
@@ -86,19 +87,13 @@ impl BakedInfo {
             _ => "unknown",
         }
         .to_string();
-        let mut head = vec![0u8; 0x1000];
-        if seg.filesz < head.len() as u64 {
-            return Err(not_baked("it has no baked segment"));
-        }
-        f.seek(SeekFrom::Start(seg.offset)).map_err(io_err)?;
-        f.read_exact(&mut head).map_err(io_err)?;
+        let head = read_head(&mut f, &seg)
+            .map_err(io_err)?
+            .ok_or_else(|| not_baked("it has no baked segment"))?;
         let le64 = |at: u64| u64::from_le_bytes(head[at as usize..][..8].try_into().expect("8"));
         let (mod_paddr, mod_size) = (le64(MODLIST_OFFSET), le64(MODLIST_OFFSET + 8));
-        let line = &head[CMDLINE_OFFSET as usize..][..COMMAND_LINE_SIZE as usize];
-        let cmdline =
-            String::from_utf8_lossy(&line[..line.iter().position(|b| *b == 0).unwrap_or(0)])
-                .into_owned();
-        if !cmdline.contains("rdinit=/.oci2uk/init") {
+        let cmdline = head_cmdline(&head);
+        if !guest::starts_init(&cmdline) {
             return Err(not_baked(
                 "its baked command line does not start oci2uk's init",
             ));
@@ -107,10 +102,7 @@ impl BakedInfo {
             .checked_sub(seg.paddr)
             .filter(|r| r.saturating_add(mod_size) <= seg.filesz && mod_size > 0)
             .ok_or_else(|| not_baked("its initramfs lies outside its baked segment"))?;
-        let memory_mib = cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("oci2uk.memory="))
-            .and_then(|v| v.trim_end_matches('M').parse().ok());
+        let memory_mib = guest::find_memory(&cmdline);
 
         // The initramfs: hashed whole, and read as far as the configuration.
         f.seek(SeekFrom::Start(seg.offset + rel)).map_err(io_err)?;
@@ -225,6 +217,24 @@ fn last_segment(f: &mut File) -> io::Result<Option<Segment>> {
         }))
 }
 
+/// The segment's head (everything before the initramfs); `None` when the segment is too short
+/// to have one.
+fn read_head(f: &mut File, seg: &Segment) -> io::Result<Option<Vec<u8>>> {
+    let mut head = vec![0u8; INITRAMFS_OFFSET as usize];
+    if seg.filesz < head.len() as u64 {
+        return Ok(None);
+    }
+    f.seek(SeekFrom::Start(seg.offset))?;
+    f.read_exact(&mut head)?;
+    Ok(Some(head))
+}
+
+/// The baked command line in a segment's head: the buffer up to its NUL.
+fn head_cmdline(head: &[u8]) -> String {
+    let line = &head[CMDLINE_OFFSET as usize..][..COMMAND_LINE_SIZE as usize];
+    String::from_utf8_lossy(&line[..line.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned()
+}
+
 /// The guest memory recorded in a baked file (`oci2uk.memory=NM` on its command line), in
 /// MiB; `None` for a file without one.
 pub fn recorded_memory(path: &Path) -> io::Result<Option<u64>> {
@@ -232,24 +242,15 @@ pub fn recorded_memory(path: &Path) -> io::Result<Option<u64>> {
     let Some(seg) = last_segment(&mut f)? else {
         return Ok(None);
     };
-    let mut head = vec![0u8; seg.filesz.min(16 * 1024) as usize];
-    f.seek(SeekFrom::Start(seg.offset))?;
-    f.read_exact(&mut head)?;
-    const KEY: &[u8] = b"oci2uk.memory=";
-    let Some(at) = head.windows(KEY.len()).position(|w| w == KEY) else {
+    let Some(head) = read_head(&mut f, &seg)? else {
         return Ok(None);
     };
-    let digits: String = head[at + KEY.len()..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    Ok(digits.parse().ok())
+    Ok(guest::find_memory(&head_cmdline(&head)))
 }
 
 /// Walks a newc archive to `/rumpconfig.json`.
 fn find_config(r: &mut dyn Read) -> io::Result<Option<RumpConfig>> {
-    let want = CONFIG_PATH.trim_start_matches('/');
+    let want = guest::CONFIG_PATH.trim_start_matches('/');
     let mut pos: u64 = 0;
     loop {
         let mut hdr = [0u8; 110];
@@ -311,5 +312,38 @@ fn find_config(r: &mut dyn Read) -> io::Result<Option<RumpConfig>> {
         if name == b"TRAILER!!!" {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bake::bake_to_vec;
+    use crate::build::BAKED_CMDLINE;
+    use crate::kernel::tests::tiny_vmlinux;
+    use crate::kernel::Kernel;
+
+    #[test]
+    fn the_baked_command_line_starts_the_init() {
+        assert!(guest::starts_init(BAKED_CMDLINE), "{BAKED_CMDLINE}");
+    }
+
+    #[test]
+    fn the_memory_record_is_read_back() {
+        let kernel = Kernel::parse(tiny_vmlinux(Some(0x100_0001))).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baked.elf");
+        for (cmdline, memory) in [
+            (
+                format!("{BAKED_CMDLINE} {}", guest::memory_param(384)),
+                Some(384),
+            ),
+            (BAKED_CMDLINE.to_owned(), None),
+        ] {
+            std::fs::write(&path, bake_to_vec(&kernel, &[0; 100], &cmdline).unwrap()).unwrap();
+            assert_eq!(recorded_memory(&path).unwrap(), memory, "{cmdline}");
+        }
+        std::fs::write(&path, b"not an ELF").unwrap();
+        assert_eq!(recorded_memory(&path).unwrap(), None);
     }
 }

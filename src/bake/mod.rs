@@ -19,14 +19,16 @@
 //! from sections and cannot add a program header to an existing executable, and the edit is
 //! small (a header, a program header, a note's descriptor). Output is deterministic.
 
-pub mod layout;
+pub mod pvh;
+pub mod segment;
 pub mod stub;
 
 use std::io::{self, Read, Write};
 
 use crate::kernel::elf::{self, Elf, ProgramHeader};
 use crate::kernel::{Kernel, KernelError, XEN_ELFNOTE_PHYS32_ENTRY};
-use layout::*;
+use pvh::*;
+use segment::*;
 use stub::{entry_stub, StubParams};
 
 /// `__START_KERNEL_map`: x86_64 Linux maps its image at this virtual address plus its physical
@@ -73,7 +75,7 @@ pub enum BakeError {
 
 /// Where the bake put everything: physical addresses, sizes and file offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
+pub struct Placement {
     /// The kernel's own highest physical address (exclusive).
     pub kernel_end: u64,
     /// The baked segment's physical address.
@@ -108,7 +110,7 @@ pub struct Layout {
     pub file_len: u64,
 }
 
-impl Layout {
+impl Placement {
     /// The highest physical address the baked image occupies (exclusive): the guest needs more
     /// RAM than this, plus what the kernel and the unpacked initramfs use.
     pub fn memory_end(&self) -> u64 {
@@ -116,10 +118,10 @@ impl Layout {
     }
 }
 
-/// Plan the bake of `kernel` with an initramfs of `initramfs_len` bytes and the command line
-/// `cmdline`, without writing anything.
-pub fn plan(kernel: &Kernel, initramfs_len: u64, cmdline: &str) -> Result<Layout, BakeError> {
-    Ok(Plan::new(kernel, initramfs_len, cmdline, false)?.layout)
+/// Where the bake of `kernel` with an initramfs of `initramfs_len` bytes and the command line
+/// `cmdline` puts everything, without writing anything.
+pub fn place(kernel: &Kernel, initramfs_len: u64, cmdline: &str) -> Result<Placement, BakeError> {
+    Ok(Edit::new(kernel, initramfs_len, cmdline, false)?.placement)
 }
 
 /// Bake `kernel`, the `initramfs_len` bytes read from `initramfs` and `cmdline` into one PVH ELF
@@ -130,12 +132,12 @@ pub fn bake(
     initramfs_len: u64,
     cmdline: &str,
     out: impl Write,
-) -> Result<Layout, BakeError> {
+) -> Result<Placement, BakeError> {
     bake_inner(kernel, initramfs, initramfs_len, cmdline, out, false)
 }
 
 /// [`bake`], optionally moving the program header table to the end even when it has room (so
-/// tests can boot that layout too).
+/// tests can boot that placement too).
 fn bake_inner(
     kernel: &Kernel,
     initramfs: impl Read,
@@ -143,11 +145,11 @@ fn bake_inner(
     cmdline: &str,
     mut out: impl Write,
     move_phdrs: bool,
-) -> Result<Layout, BakeError> {
-    let plan = Plan::new(kernel, initramfs_len, cmdline, move_phdrs)?;
-    plan.write(initramfs, &mut out)?;
+) -> Result<Placement, BakeError> {
+    let edit = Edit::new(kernel, initramfs_len, cmdline, move_phdrs)?;
+    edit.write(initramfs, &mut out)?;
     out.flush()?;
-    Ok(plan.layout)
+    Ok(edit.placement)
 }
 
 /// [`bake`] into memory.
@@ -157,23 +159,71 @@ pub fn bake_to_vec(kernel: &Kernel, initramfs: &[u8], cmdline: &str) -> Result<V
     Ok(out)
 }
 
-/// Everything decided before a byte is written.
-struct Plan<'k> {
+/// Everything decided before a byte is written: the kernel's bytes to keep, the edits to them,
+/// and what follows.
+struct Edit<'k> {
     vmlinux: &'k [u8],
-    layout: Layout,
-    /// Byte ranges of the vmlinux to replace: (file offset, new bytes), sorted, disjoint.
-    patches: Vec<(u64, Vec<u8>)>,
+    placement: Placement,
+    patches: Patches,
     /// The first 0x1000 bytes of the segment: stub, start_info, module entry, command line.
     segment_head: Vec<u8>,
     /// The program header table written at the end, when it had to move.
     moved_phdrs: Option<Vec<u8>>,
 }
 
+/// Byte ranges of the vmlinux to replace: (file offset, new bytes), sorted, disjoint.
+type Patches = Vec<(u64, Vec<u8>)>;
+
 fn align_up(n: u64, to: u64) -> Option<u64> {
     Some(n.checked_add(to - 1)? & !(to - 1))
 }
 
-impl<'k> Plan<'k> {
+fn bad_elf(why: &str) -> BakeError {
+    BakeError::Kernel(KernelError::Elf(elf::ElfError(why.into())))
+}
+
+/// The baked segment's place in memory.
+struct SegmentAt {
+    /// The kernel's own highest physical address (exclusive).
+    kernel_end: u64,
+    paddr: u64,
+    vaddr: u64,
+    size: u64,
+    initramfs_len: u64,
+}
+
+impl SegmentAt {
+    /// The physical address of the part at `offset` in the segment.
+    fn at(&self, offset: u64) -> u64 {
+        self.paddr + offset
+    }
+}
+
+/// What is kept of the kernel's file.
+struct Kept {
+    /// The kernel's program headers, their zero tails cut from the file.
+    phdrs: Vec<ProgramHeader>,
+    /// The length of the file kept.
+    len: u64,
+    /// Where the kernel's program header table ends.
+    phdr_table_end: u64,
+    /// Whether the section table lies past what is kept, and so goes.
+    drop_sections: bool,
+}
+
+/// The output's program header table.
+struct PhdrTable {
+    /// Its file offset.
+    offset: u64,
+    bytes: Vec<u8>,
+    phnum: u16,
+    /// Whether it stays where the kernel had it (else it goes at the end).
+    in_place: bool,
+    /// The output file's size.
+    file_len: u64,
+}
+
+impl<'k> Edit<'k> {
     fn new(
         kernel: &'k Kernel,
         initramfs_len: u64,
@@ -182,194 +232,38 @@ impl<'k> Plan<'k> {
     ) -> Result<Self, BakeError> {
         let vmlinux = kernel.vmlinux()?;
         let kernel_entry = kernel.pvh_entry()?;
-        let bad_elf = |why: &str| BakeError::Kernel(KernelError::Elf(elf::ElfError(why.into())));
         let parsed = Elf::parse(vmlinux).map_err(KernelError::Elf)?;
-        if cmdline.len() > MAX_BAKED_CMDLINE {
-            return Err(BakeError::Cmdline {
-                why: format!(
-                    "is {} bytes; at most {MAX_BAKED_CMDLINE} can be baked",
-                    cmdline.len()
-                ),
-            });
-        }
-        if cmdline.contains('\0') {
-            return Err(BakeError::Cmdline {
-                why: "holds a NUL byte".into(),
-            });
-        }
-
-        // Where the segment goes.
-        let too_large = BakeError::TooLarge { len: initramfs_len };
-        let kernel_end = parsed
-            .load_end()
-            .ok_or_else(|| bad_elf("a segment ends past 2^64"))?;
-        let segment_paddr = align_up(kernel_end, SEGMENT_ALIGN).ok_or_else(|| bad_elf("huge"))?;
-        let segment_size = INITRAMFS_OFFSET
-            .checked_add(initramfs_len)
-            .ok_or(BakeError::TooLarge { len: initramfs_len })?;
-        match segment_paddr.checked_add(segment_size) {
-            Some(end) if end <= 1 << 32 => {}
-            _ => return Err(too_large),
-        }
-        let segment_vaddr = START_KERNEL_MAP
-            .checked_add(segment_paddr)
-            .ok_or_else(|| bad_elf("the kernel lies beyond __START_KERNEL_map's reach"))?;
-        // The kernel's segments lose their zero tails (.bss, .brk, the init scratch area): the
-        // loader zero-fills memory past a segment's file size, and a fresh guest's RAM is zero
-        // anyway. The file keeps what the segments and notes need and ends there; the section
-        // table (no loader reads it) goes.
-        let mut kernel_phdrs = parsed.phdrs.clone();
-        for p in kernel_phdrs.iter_mut().filter(|p| p.kind == elf::PT_LOAD) {
-            let len = vmlinux.len() as u64;
-            if let Some(range) = p.file_range().filter(|r| r.start <= len) {
-                let bytes = &vmlinux[range.start as usize..range.end.min(len) as usize];
-                p.filesz = bytes
-                    .iter()
-                    .rposition(|b| *b != 0)
-                    .map_or(0, |i| i as u64 + 1);
-            }
-        }
-        let phdr_table_end = parsed
-            .header
-            .phoff
-            .saturating_add(u64::from(parsed.header.phnum) * elf::PHDR_SIZE as u64);
-        let kept_len = kernel_phdrs
-            .iter()
-            .filter(|p| p.filesz > 0)
-            .map(|p| p.offset.saturating_add(p.filesz))
-            .chain([elf::EHDR_SIZE as u64, phdr_table_end])
-            .max()
-            .expect("not empty")
-            .min(vmlinux.len() as u64);
-        let drop_sections = parsed.header.shoff >= kept_len;
-        let segment_offset = align_up(kept_len, FILE_ALIGN).expect("small");
-        let at = |offset: u64| segment_paddr + offset;
-
-        // The segment's head.
-        let params = StubParams {
-            start_info: at(START_INFO_OFFSET) as u32,
-            modlist: at(MODLIST_OFFSET) as u32,
-            cmdline: at(CMDLINE_OFFSET) as u32,
+        check_cmdline(cmdline)?;
+        let seg = place_segment(&parsed, initramfs_len)?;
+        let kept = keep(&parsed, vmlinux);
+        let segment_offset = align_up(kept.len, FILE_ALIGN).expect("small");
+        let stub = entry_stub(&StubParams {
+            start_info: seg.at(START_INFO_OFFSET) as u32,
+            modlist: seg.at(MODLIST_OFFSET) as u32,
+            cmdline: seg.at(CMDLINE_OFFSET) as u32,
             baked_len: cmdline.len() as u32,
             entry: kernel_entry,
-        };
-        let stub = entry_stub(&params);
-        let start_info = HvmStartInfo {
-            magic: START_INFO_MAGIC,
-            version: START_INFO_VERSION,
-            nr_modules: 1,
-            modlist_paddr: at(MODLIST_OFFSET),
-            cmdline_paddr: at(CMDLINE_OFFSET),
-            ..Default::default()
-        };
-        let module = HvmModlistEntry {
-            paddr: at(INITRAMFS_OFFSET),
-            size: initramfs_len,
-            ..Default::default()
-        };
-        let mut head = vec![0u8; INITRAMFS_OFFSET as usize];
-        let put = |head: &mut Vec<u8>, offset: u64, bytes: &[u8]| {
-            head[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
-        };
-        put(&mut head, STUB_OFFSET, &stub);
-        put(&mut head, START_INFO_OFFSET, &start_info.to_bytes());
-        put(&mut head, MODLIST_OFFSET, &module.to_bytes());
-        put(&mut head, CMDLINE_OFFSET, cmdline.as_bytes());
+        });
+        let head = segment_head(&seg, &stub, cmdline);
+        let table = phdr_table(&parsed, &kept, &seg, segment_offset, move_phdrs)?;
+        let stub_paddr = seg.at(STUB_OFFSET);
+        let (phdr_offset, in_place, file_len) = (table.offset, table.in_place, table.file_len);
+        let (patches, moved_phdrs) = patches(&parsed, &kept, table, stub_paddr)?;
 
-        // The program header table: in place when the bytes after it are free, else at the end.
-        let new_phdr = ProgramHeader {
-            kind: elf::PT_LOAD,
-            flags: 7, // PF_R | PF_W | PF_X: the stub runs from here
-            offset: segment_offset,
-            vaddr: segment_vaddr,
-            paddr: segment_paddr,
-            filesz: segment_size,
-            memsz: segment_size,
-            align: FILE_ALIGN,
-        };
-        let mut phdrs = kernel_phdrs;
-        phdrs.push(new_phdr);
-        let phnum = u16::try_from(phdrs.len())
-            .ok()
-            .filter(|&n| n < 0xffff)
-            .ok_or_else(|| bad_elf("too many program headers"))?;
-        let table_len = phdrs.len() as u64 * elf::PHDR_SIZE as u64;
-        let end_of_data = segment_offset + segment_size;
-        let in_place = !move_phdrs
-            && phdr_room(&parsed)
-            && phdr_table_end + (elf::PHDR_SIZE as u64) <= kept_len;
-        let phdr_offset = if in_place {
-            parsed.header.phoff
-        } else {
-            align_up(end_of_data, 8).ok_or(BakeError::TooLarge { len: initramfs_len })?
-        };
-        for p in phdrs.iter_mut().filter(|p| p.kind == elf::PT_PHDR) {
-            // Keep a PT_PHDR describing the table's file bytes (vmlinux files have none).
-            p.offset = phdr_offset;
-            p.filesz = table_len;
-            p.memsz = table_len;
-        }
-        let table: Vec<u8> = phdrs.iter().flat_map(|p| p.to_bytes()).collect();
-        let file_len = if in_place {
-            end_of_data
-        } else {
-            phdr_offset + table_len
-        };
-
-        // The patches to the vmlinux.
-        let mut patches = Vec::new();
-        patches.push((32, phdr_offset.to_le_bytes().to_vec())); // e_phoff
-        patches.push((56, phnum.to_le_bytes().to_vec())); // e_phnum
-        if drop_sections {
-            patches.push((40, 0u64.to_le_bytes().to_vec())); // e_shoff
-            patches.push((60, [0u8; 4].to_vec())); // e_shnum, e_shstrndx
-        }
-        let note = parsed
-            .notes()
-            .map_err(KernelError::Elf)?
-            .into_iter()
-            .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
-            .ok_or(KernelError::NoPvh)?;
-        let stub_paddr = at(STUB_OFFSET);
-        let desc = match note.desc.len() {
-            4 => (stub_paddr as u32).to_le_bytes().to_vec(),
-            _ => stub_paddr.to_le_bytes().to_vec(),
-        };
-        patches.push((note.desc_offset as u64, desc));
-        let moved_phdrs = if in_place {
-            patches.push((phdr_offset, table));
-            None
-        } else {
-            Some(table)
-        };
-        patches.sort_by_key(|(offset, _)| *offset);
-        if patches
-            .windows(2)
-            .any(|w| w[0].0 + w[0].1.len() as u64 > w[1].0)
-        {
-            return Err(bad_elf("the PVH note overlaps the ELF or program headers"));
-        }
-        if patches
-            .iter()
-            .any(|(offset, bytes)| offset.saturating_add(bytes.len() as u64) > kept_len)
-        {
-            return Err(bad_elf("the PVH note lies outside the kernel's segments"));
-        }
-
-        Ok(Plan {
-            vmlinux: &vmlinux[..kept_len as usize],
-            layout: Layout {
-                kernel_end,
-                segment_paddr,
-                segment_vaddr,
+        Ok(Edit {
+            vmlinux: &vmlinux[..kept.len as usize],
+            placement: Placement {
+                kernel_end: seg.kernel_end,
+                segment_paddr: seg.paddr,
+                segment_vaddr: seg.vaddr,
                 segment_offset,
-                segment_size,
+                segment_size: seg.size,
                 stub_paddr,
                 stub_size: stub.len() as u64,
-                start_info_paddr: at(START_INFO_OFFSET),
-                modlist_paddr: at(MODLIST_OFFSET),
-                cmdline_paddr: at(CMDLINE_OFFSET),
-                initramfs_paddr: at(INITRAMFS_OFFSET),
+                start_info_paddr: seg.at(START_INFO_OFFSET),
+                modlist_paddr: seg.at(MODLIST_OFFSET),
+                cmdline_paddr: seg.at(CMDLINE_OFFSET),
+                initramfs_paddr: seg.at(INITRAMFS_OFFSET),
                 initramfs_len,
                 kernel_entry,
                 phdr_offset,
@@ -391,10 +285,10 @@ impl<'k> Plan<'k> {
             pos = offset + bytes.len();
         }
         out.write_all(&self.vmlinux[pos..])?;
-        let pad = self.layout.segment_offset - self.vmlinux.len() as u64;
+        let pad = self.placement.segment_offset - self.vmlinux.len() as u64;
         out.write_all(&vec![0u8; pad as usize])?;
         out.write_all(&self.segment_head)?;
-        let expected = self.layout.initramfs_len;
+        let expected = self.placement.initramfs_len;
         let mut limited = initramfs.take(expected);
         let got = io::copy(&mut limited, out)?;
         let mut probe = [0u8; 1];
@@ -406,12 +300,224 @@ impl<'k> Plan<'k> {
             });
         }
         if let Some(table) = &self.moved_phdrs {
-            let end = self.layout.segment_offset + self.layout.segment_size;
-            out.write_all(&vec![0u8; (self.layout.phdr_offset - end) as usize])?;
+            let end = self.placement.segment_offset + self.placement.segment_size;
+            out.write_all(&vec![0u8; (self.placement.phdr_offset - end) as usize])?;
             out.write_all(table)?;
         }
         Ok(())
     }
+}
+
+/// The baked line fits with room for the hypervisor's and holds no NUL.
+fn check_cmdline(cmdline: &str) -> Result<(), BakeError> {
+    if cmdline.len() > MAX_BAKED_CMDLINE {
+        return Err(BakeError::Cmdline {
+            why: format!(
+                "is {} bytes; at most {MAX_BAKED_CMDLINE} can be baked",
+                cmdline.len()
+            ),
+        });
+    }
+    if cmdline.contains('\0') {
+        return Err(BakeError::Cmdline {
+            why: "holds a NUL byte".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the segment goes: the first [`SEGMENT_ALIGN`] boundary after the kernel, ending
+/// below 4 GiB.
+fn place_segment(parsed: &Elf, initramfs_len: u64) -> Result<SegmentAt, BakeError> {
+    let too_large = BakeError::TooLarge { len: initramfs_len };
+    let kernel_end = parsed
+        .load_end()
+        .ok_or_else(|| bad_elf("a segment ends past 2^64"))?;
+    let paddr = align_up(kernel_end, SEGMENT_ALIGN).ok_or_else(|| bad_elf("huge"))?;
+    let size = INITRAMFS_OFFSET
+        .checked_add(initramfs_len)
+        .ok_or(BakeError::TooLarge { len: initramfs_len })?;
+    match paddr.checked_add(size) {
+        Some(end) if end <= 1 << 32 => {}
+        _ => return Err(too_large),
+    }
+    let vaddr = START_KERNEL_MAP
+        .checked_add(paddr)
+        .ok_or_else(|| bad_elf("the kernel lies beyond __START_KERNEL_map's reach"))?;
+    Ok(SegmentAt {
+        kernel_end,
+        paddr,
+        vaddr,
+        size,
+        initramfs_len,
+    })
+}
+
+/// What the output keeps of the kernel's file. The kernel's segments lose their zero tails
+/// (.bss, .brk, the init scratch area): the loader zero-fills memory past a segment's file
+/// size, and a fresh guest's RAM is zero anyway. The file keeps what the segments and notes
+/// need and ends there; the section table (no loader reads it) goes.
+fn keep(parsed: &Elf, vmlinux: &[u8]) -> Kept {
+    let mut phdrs = parsed.phdrs.clone();
+    for p in phdrs.iter_mut().filter(|p| p.kind == elf::PT_LOAD) {
+        let len = vmlinux.len() as u64;
+        if let Some(range) = p.file_range().filter(|r| r.start <= len) {
+            let bytes = &vmlinux[range.start as usize..range.end.min(len) as usize];
+            p.filesz = bytes
+                .iter()
+                .rposition(|b| *b != 0)
+                .map_or(0, |i| i as u64 + 1);
+        }
+    }
+    let phdr_table_end = parsed
+        .header
+        .phoff
+        .saturating_add(u64::from(parsed.header.phnum) * elf::PHDR_SIZE as u64);
+    let len = phdrs
+        .iter()
+        .filter(|p| p.filesz > 0)
+        .map(|p| p.offset.saturating_add(p.filesz))
+        .chain([elf::EHDR_SIZE as u64, phdr_table_end])
+        .max()
+        .expect("not empty")
+        .min(vmlinux.len() as u64);
+    Kept {
+        drop_sections: parsed.header.shoff >= len,
+        phdrs,
+        len,
+        phdr_table_end,
+    }
+}
+
+/// The segment's head: the stub, the baked start_info and module entry, the command line.
+fn segment_head(seg: &SegmentAt, stub: &[u8], cmdline: &str) -> Vec<u8> {
+    let start_info = HvmStartInfo {
+        magic: START_INFO_MAGIC,
+        version: START_INFO_VERSION,
+        nr_modules: 1,
+        modlist_paddr: seg.at(MODLIST_OFFSET),
+        cmdline_paddr: seg.at(CMDLINE_OFFSET),
+        ..Default::default()
+    };
+    let module = HvmModlistEntry {
+        paddr: seg.at(INITRAMFS_OFFSET),
+        size: seg.initramfs_len,
+        ..Default::default()
+    };
+    let mut head = vec![0u8; INITRAMFS_OFFSET as usize];
+    let put = |head: &mut Vec<u8>, offset: u64, bytes: &[u8]| {
+        head[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+    };
+    put(&mut head, STUB_OFFSET, stub);
+    put(&mut head, START_INFO_OFFSET, &start_info.to_bytes());
+    put(&mut head, MODLIST_OFFSET, &module.to_bytes());
+    put(&mut head, CMDLINE_OFFSET, cmdline.as_bytes());
+    head
+}
+
+/// The program header table, the kernel's and the segment's: in place when the bytes after it
+/// are free, else at the end.
+fn phdr_table(
+    parsed: &Elf,
+    kept: &Kept,
+    seg: &SegmentAt,
+    segment_offset: u64,
+    move_phdrs: bool,
+) -> Result<PhdrTable, BakeError> {
+    let new_phdr = ProgramHeader {
+        kind: elf::PT_LOAD,
+        flags: 7, // PF_R | PF_W | PF_X: the stub runs from here
+        offset: segment_offset,
+        vaddr: seg.vaddr,
+        paddr: seg.paddr,
+        filesz: seg.size,
+        memsz: seg.size,
+        align: FILE_ALIGN,
+    };
+    let mut phdrs = kept.phdrs.clone();
+    phdrs.push(new_phdr);
+    let phnum = u16::try_from(phdrs.len())
+        .ok()
+        .filter(|&n| n < 0xffff)
+        .ok_or_else(|| bad_elf("too many program headers"))?;
+    let table_len = phdrs.len() as u64 * elf::PHDR_SIZE as u64;
+    let end_of_data = segment_offset + seg.size;
+    let in_place = !move_phdrs
+        && phdr_room(parsed)
+        && kept.phdr_table_end + (elf::PHDR_SIZE as u64) <= kept.len;
+    let offset = if in_place {
+        parsed.header.phoff
+    } else {
+        align_up(end_of_data, 8).ok_or(BakeError::TooLarge {
+            len: seg.initramfs_len,
+        })?
+    };
+    for p in phdrs.iter_mut().filter(|p| p.kind == elf::PT_PHDR) {
+        // Keep a PT_PHDR describing the table's file bytes (vmlinux files have none).
+        p.offset = offset;
+        p.filesz = table_len;
+        p.memsz = table_len;
+    }
+    Ok(PhdrTable {
+        offset,
+        bytes: phdrs.iter().flat_map(|p| p.to_bytes()).collect(),
+        phnum,
+        in_place,
+        file_len: if in_place {
+            end_of_data
+        } else {
+            offset + table_len
+        },
+    })
+}
+
+/// The patches to the kernel's file: the ELF header's table fields, the PVH note pointed at
+/// the stub, and the program header table when it stays in place (else it is returned, to be
+/// written at the end).
+fn patches(
+    parsed: &Elf,
+    kept: &Kept,
+    table: PhdrTable,
+    stub_paddr: u64,
+) -> Result<(Patches, Option<Vec<u8>>), BakeError> {
+    let mut patches = Vec::new();
+    patches.push((32, table.offset.to_le_bytes().to_vec())); // e_phoff
+    patches.push((56, table.phnum.to_le_bytes().to_vec())); // e_phnum
+    if kept.drop_sections {
+        patches.push((40, 0u64.to_le_bytes().to_vec())); // e_shoff
+        patches.push((60, [0u8; 4].to_vec())); // e_shnum, e_shstrndx
+    }
+    let note = parsed
+        .notes()
+        .map_err(KernelError::Elf)?
+        .into_iter()
+        .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
+        .ok_or(KernelError::NoPvh)?;
+    let desc = match note.desc.len() {
+        4 => (stub_paddr as u32).to_le_bytes().to_vec(),
+        _ => stub_paddr.to_le_bytes().to_vec(),
+    };
+    patches.push((note.desc_offset as u64, desc));
+    let moved_phdrs = if table.in_place {
+        patches.push((table.offset, table.bytes));
+        None
+    } else {
+        Some(table.bytes)
+    };
+    patches.sort_by_key(|(offset, _)| *offset);
+    if patches
+        .windows(2)
+        .any(|w| w[0].0 + w[0].1.len() as u64 > w[1].0)
+    {
+        return Err(bad_elf("the PVH note overlaps the ELF or program headers"));
+    }
+    if patches
+        .iter()
+        .any(|(offset, bytes)| offset.saturating_add(bytes.len() as u64) > kept.len)
+    {
+        return Err(bad_elf("the PVH note lies outside the kernel's segments"));
+    }
+    Ok((patches, moved_phdrs))
 }
 
 /// Whether one more program header fits after the table: the bytes it would take are inside the

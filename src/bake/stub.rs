@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::layout::{HvmStartInfo, COMMAND_LINE_SIZE, START_INFO_V0_SIZE, START_INFO_VERSION};
+use super::pvh::{HvmStartInfo, COMMAND_LINE_SIZE, START_INFO_V0_SIZE, START_INFO_VERSION};
 use std::mem::offset_of;
 
 /// The addresses and sizes the stub is built for.

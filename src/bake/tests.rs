@@ -25,7 +25,7 @@ fn adds_a_segment_after_the_kernel_and_points_the_note_at_the_stub() {
     let initramfs: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
     let cmdline = "console=ttyS0 panic=-1 rdinit=/init";
     let out = bake_to_vec(&k, &initramfs, cmdline).unwrap();
-    let layout = plan(&k, initramfs.len() as u64, cmdline).unwrap();
+    let layout = place(&k, initramfs.len() as u64, cmdline).unwrap();
 
     // The synthetic kernel ends at 0x150_0000 + 0x12_3456: the segment goes at 0x180_0000.
     assert_eq!(layout.kernel_end, 0x162_3456);
@@ -135,7 +135,7 @@ fn moves_the_program_headers_when_there_is_no_room() {
     );
     let k = Kernel::parse(vmlinux.clone()).unwrap();
     let out = bake_to_vec(&k, b"initramfs", "").unwrap();
-    let layout = plan(&k, 9, "").unwrap();
+    let layout = place(&k, 9, "").unwrap();
     assert!(layout.phdrs_moved);
     assert_eq!(layout.segment_paddr, 0x120_0000);
     assert_eq!(layout.phdr_offset % 8, 0);
@@ -173,7 +173,7 @@ fn refuses_what_cannot_boot() {
     let e = bake_to_vec(&no_pvh, b"", "").unwrap_err();
     assert!(e.to_string().contains("CONFIG_PVH"), "{e}");
     assert!(matches!(
-        plan(&k, 4 << 30, ""),
+        place(&k, 4 << 30, ""),
         Err(BakeError::TooLarge { .. })
     ));
     for (len, data) in [(10, &b"short"[..]), (3, &b"longer"[..])] {
@@ -222,7 +222,7 @@ fn bakes_the_installed_kernel_if_any() {
         eprintln!("skipping: {} has no PVH entry", path.display());
         return;
     };
-    let layout = plan(&k, 1 << 20, "console=ttyS0").unwrap();
+    let layout = place(&k, 1 << 20, "console=ttyS0").unwrap();
     eprintln!("{}: PVH entry {entry:#x}, {layout:#x?}", path.display());
     assert_eq!(layout.segment_paddr % SEGMENT_ALIGN, 0);
     assert!(layout.segment_paddr >= layout.kernel_end);

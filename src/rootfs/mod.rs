@@ -44,22 +44,9 @@ use crate::flatten::ContentCopyError;
 use crate::flatten::{Content, Entry, InodeId, Kind, Tree};
 use codec::Encoder;
 
-/// oci2uk's own directory in the guest; the image's entries there are left out.
-pub const PRIVATE_DIR: &str = "/.oci2uk";
-/// Where the init goes (`rdinit=` names it).
-pub const INIT_PATH: &str = "/.oci2uk/init";
-/// Where the launch configuration goes.
-pub const CONFIG_PATH: &str = "/rumpconfig.json";
-/// The last entry of the archive, out of sort order, whenever it has [`PRIVATE_DIR`]: an
-/// empty file that exists only if the kernel unpacked the whole initramfs. When the root
-/// filesystem fills up (a tmpfs is capped at half the memory), the kernel prints
-/// "Initramfs unpacking failed: write error", stops unpacking, and still starts the init,
-/// which sorts early and so is there: without this file the init knows the tree is cut short
-/// and can say that the guest needs more memory.
-pub const UNPACKED_PATH: &str = "/.oci2uk/unpacked";
-/// Where kernel modules go: `MODULES_DIR/NAME.ko` (see [`module_path`]), outside the image's
-/// own `/lib/modules`, which may be a symlink (merged `/usr`) or hold another kernel's tree.
-pub const MODULES_DIR: &str = "/.oci2uk/modules";
+// The guest's paths are shared with the init. The archive ends with UNPACKED_PATH, out of sort
+// order, whenever it has PRIVATE_DIR.
+pub use oci2uk_config::guest::{CONFIG_PATH, INIT_PATH, MODULES_DIR, PRIVATE_DIR, UNPACKED_PATH};
 
 /// The longest path the kernel's unpacker takes, its terminating NUL included (`PATH_MAX`):
 /// it silently skips entries with longer names.

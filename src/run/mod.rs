@@ -210,14 +210,10 @@ pub enum GuestStatus {
 impl GuestStatus {
     /// Parses the init's status line.
     pub fn parse(line: &str) -> Option<Self> {
-        let line = line.trim_end_matches(['\r', '\n']).trim();
-        if let Some(n) = line.strip_prefix("oci2uk: exit status ") {
-            return n.parse().ok().map(Self::Exited);
+        match oci2uk_config::StatusLine::parse(line)? {
+            oci2uk_config::StatusLine::Exited(n) => Some(Self::Exited(n)),
+            oci2uk_config::StatusLine::Signalled(n) => Some(Self::Signalled(n)),
         }
-        if let Some(n) = line.strip_prefix("oci2uk: killed by signal ") {
-            return n.parse().ok().map(Self::Signalled);
-        }
-        None
     }
 
     /// The status for our own exit: N, or 128+N for a signal (as shells report it).

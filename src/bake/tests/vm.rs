@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bake::{bake_inner, Layout};
+use crate::bake::{bake_inner, Placement};
 use crate::kernel::{discover, Kernel};
 
 const MARKER: &str = "OCI2UK-BAKE-BOOTED";
@@ -134,7 +134,7 @@ fn boots_under_qemu_q35_and_microvm() {
     let moved = dir.path().join("moved.elf");
     for (path, move_phdrs) in [(&elf, false), (&moved, true)] {
         let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-        let layout: Layout = bake_inner(
+        let layout: Placement = bake_inner(
             &kernel,
             &initramfs[..],
             initramfs.len() as u64,

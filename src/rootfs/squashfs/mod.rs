@@ -47,8 +47,7 @@ use super::{is_private, lossy, RootfsError};
 use crate::flatten::{InodeId, Kind, Tree};
 use parallel::Ahead;
 
-/// Where the root image goes in the initramfs.
-pub const ROOT_IMAGE_PATH: &str = "/.oci2uk/root.squashfs";
+pub use oci2uk_config::guest::ROOT_IMAGE_PATH;
 
 /// The modules the init needs to mount the root image: the loop device, the file system and
 /// the overlay that makes it writable.

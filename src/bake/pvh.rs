@@ -1,5 +1,5 @@
 //! The PVH boot structures (Xen's `xen/include/public/arch-x86/hvm/start_info.h`), written as
-//! little-endian bytes, and where the bake puts them in its segment.
+//! little-endian bytes, and the kernel's limit on the command line they point at.
 
 use std::mem::{offset_of, size_of};
 
@@ -13,17 +13,6 @@ pub const START_INFO_V0_SIZE: usize = offset_of!(HvmStartInfo, memmap_paddr);
 /// x86 Linux's `COMMAND_LINE_SIZE` (arch/x86/include/asm/setup.h): the kernel copies at most
 /// this many bytes, NUL included, so the merged line is cut at 2047 bytes.
 pub const COMMAND_LINE_SIZE: u32 = 2048;
-
-/// Where each part lives, as an offset from the start of the baked segment.
-pub const STUB_OFFSET: u64 = 0;
-/// The baked `hvm_start_info`.
-pub const START_INFO_OFFSET: u64 = 0x100;
-/// The baked module list (one entry).
-pub const MODLIST_OFFSET: u64 = 0x140;
-/// The command line buffer (`COMMAND_LINE_SIZE` bytes).
-pub const CMDLINE_OFFSET: u64 = 0x800;
-/// The initramfs, page-aligned.
-pub const INITRAMFS_OFFSET: u64 = 0x1000;
 
 /// `struct hvm_start_info`, field by field, as the PVH ABI lays it out.
 #[repr(C)]
@@ -71,10 +60,6 @@ const _: () = assert!(offset_of!(HvmStartInfo, modlist_paddr) == 16);
 const _: () = assert!(offset_of!(HvmStartInfo, cmdline_paddr) == 24);
 const _: () = assert!(offset_of!(HvmStartInfo, memmap_paddr) == 40);
 const _: () = assert!(offset_of!(HvmStartInfo, reserved) == 52);
-const _: () = assert!(START_INFO_OFFSET + size_of::<HvmStartInfo>() as u64 <= MODLIST_OFFSET);
-const _: () = assert!(MODLIST_OFFSET + size_of::<HvmModlistEntry>() as u64 <= CMDLINE_OFFSET);
-const _: () = assert!(CMDLINE_OFFSET + COMMAND_LINE_SIZE as u64 <= INITRAMFS_OFFSET);
-const _: () = assert!(super::stub::MAX_STUB_SIZE as u64 <= START_INFO_OFFSET);
 
 impl HvmStartInfo {
     /// The structure as bytes.
