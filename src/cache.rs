@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Digest, DigestAlgorithm};
 use sha2::Digest as _;
 
+mod records;
+
+pub use records::{BlobRecord, Kept, Unpacked};
+
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
