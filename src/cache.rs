@@ -18,6 +18,10 @@ use oci_spec::image::Digest;
 pub use crate::oci::Hasher;
 use crate::oci::UnsupportedAlgorithm;
 
+mod records;
+
+pub use records::{BlobRecord, Kept, Unpacked};
+
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

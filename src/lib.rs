@@ -25,6 +25,8 @@
 //!   ([`oci2uk_config::Config`]) out.
 //! - [`rootfs`]: tree + init + modules + configuration in, a compressed newc initramfs out.
 //! - [`bake`]: kernel + initramfs + command line in, one bootable PVH ELF out.
+//! - [`input`]: a command's argument in, a file or an image ([`input::Input`]) out.
+//! - [`host`]: probes of the machine oci2uk runs on (the TSC frequency a build bakes).
 //! - [`build`]: the whole pipeline for the `build` command; [`run`]: a baked file in, a QEMU
 //!   guest out; [`init_blob`]: the embedded guest init.
 #![forbid(unsafe_code)]
@@ -36,8 +38,10 @@ pub mod build;
 pub mod bundle;
 pub mod cache;
 pub mod flatten;
+pub mod host;
 pub mod image;
 pub mod init_blob;
+pub mod input;
 pub mod kernel;
 pub mod oci;
 pub mod output;

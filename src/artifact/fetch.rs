@@ -327,7 +327,7 @@ async fn unikernel(
     let rel = plain(Path::new(binary.trim_start_matches('/')))
         .ok_or_else(|| invalid(format!("names an invalid kernel path {binary:?}")))?;
     let (desc, blob) = only_layer(session, resolved, cache, progress).await?;
-    let dir = cache.root().join("unikernels").join(desc.digest().digest());
+    let dir = cache.unpacked_dir(crate::cache::Unpacked::Unikernel, desc.digest());
     let path = dir.join(&rel);
     if !path.is_file() {
         let (d, b, wanted, dest) = (desc.clone(), blob.clone(), rel.clone(), dir.clone());
@@ -398,7 +398,7 @@ pub async fn kernel(
     let modules_rel = plain(&Path::new("lib/modules").join(version))
         .ok_or_else(|| invalid(format!("names an invalid kernel version {version:?}")))?;
     let (desc, blob) = only_layer(&session, &resolved, cache, progress).await?;
-    let dir = cache.root().join("kernels").join(desc.digest().digest());
+    let dir = cache.unpacked_dir(crate::cache::Unpacked::Kernel, desc.digest());
     let (kpath, mpath) = (dir.join(&image_rel), dir.join(&modules_rel));
     if !kpath.is_file() || !mpath.is_dir() {
         let (d, b, dest) = (desc.clone(), blob.clone(), dir.clone());

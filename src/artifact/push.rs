@@ -558,17 +558,7 @@ struct MountRecords {
 
 impl MountRecords {
     fn open(cache: &Cache, endpoint: &str) -> Self {
-        let name: String = endpoint
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = cache.root().join("pushed").join(format!("{name}.json"));
+        let path = cache.pushed_record(endpoint);
         let map = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())

@@ -206,7 +206,8 @@ pub struct Kernel {
     pub machine: Machine,
     /// Its release (`6.1.0-56-cloud-amd64`), as `uname -r` would print it.
     pub version: String,
-    /// The image file's bytes as given (what a bundle ships and `-kernel` boots).
+    /// The image file's bytes as given (what a bundle ships and `-kernel` boots); empty after
+    /// [`Kernel::without_image`].
     pub image: Vec<u8>,
     /// The uncompressed vmlinux ELF (x86_64 only; equal to `image` for a vmlinux).
     vmlinux: Option<Vec<u8>>,
@@ -251,6 +252,15 @@ impl Kernel {
         let mut kernel = Self::parse(image)?;
         kernel.path = Some(path.to_path_buf());
         Ok(kernel)
+    }
+
+    /// The kernel without its image file's bytes, for a caller that needs only the vmlinux
+    /// and what is read from it (a bzImage's file is 14 MiB beside it for Debian's kernel).
+    pub fn without_image(self) -> Self {
+        Self {
+            image: Vec::new(),
+            ..self
+        }
     }
 
     /// Read a kernel image from its bytes.

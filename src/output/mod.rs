@@ -1,3 +1,4 @@
 //! Outputs: a flattened tree in, bytes out.
 
+pub mod sink;
 pub mod tar;

@@ -55,9 +55,8 @@ pub const STATIC_INTERFACE: &str = "eth0";
 /// What the user asked for on the command line, over the image's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
-    /// `--env`, in order: `K=V`, or `K` to take K from the host's environment (removing it
-    /// when the host has none).
-    pub env: Vec<String>,
+    /// `--env`, in order, with the host's values already taken ([`resolve_env`]).
+    pub env: Vec<EnvVar>,
     /// `--entrypoint`, parsed with [`parse_command`]; an empty list clears the Entrypoint.
     pub entrypoint: Option<Vec<String>>,
     /// `--cmd`, parsed with [`parse_command`].
@@ -72,6 +71,45 @@ pub struct Overrides {
     pub hostname: Option<String>,
 }
 
+/// One `--env` entry, resolved: a value, or none to remove the variable (`--env K` with no K
+/// in the host's environment, docker's rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    /// The variable's name.
+    pub name: String,
+    /// Its value; `None` removes it.
+    pub value: Option<String>,
+}
+
+/// Resolves `--env` entries once, where the command line is read: `K=V` sets K; `K` takes K's
+/// value from `host_env`, or removes K when the host has none (docker's rule).
+pub fn resolve_env(
+    entries: &[String],
+    host_env: &dyn Fn(&str) -> Option<OsString>,
+) -> Result<Vec<EnvVar>, PlanError> {
+    entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some(("", _)) => Err(PlanError::EnvName(e.clone())),
+            Some((k, v)) => Ok(EnvVar {
+                name: k.to_string(),
+                value: Some(v.to_string()),
+            }),
+            None if e.is_empty() => Err(PlanError::EnvName(e.clone())),
+            None => {
+                let value = host_env(e)
+                    .map(|v| v.into_string())
+                    .transpose()
+                    .map_err(|_| PlanError::EnvNotUtf8(e.clone()))?;
+                Ok(EnvVar {
+                    name: e.clone(),
+                    value,
+                })
+            }
+        })
+        .collect()
+}
+
 /// What the image is being built for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -79,6 +117,10 @@ pub struct Target {
     pub machine: Machine,
     /// The output's name (`nginx`), the default host name.
     pub name: String,
+    /// The kernel modules the init loads, as paths in the guest, in load order.
+    pub modules: Vec<String>,
+    /// The kernel's release, recorded in the configuration.
+    pub kernel: Option<String>,
 }
 
 /// Why an image cannot be planned. Each message names the flag, the user or the path inside
@@ -377,24 +419,12 @@ pub fn parse_net(value: &str) -> Result<Option<Net>, PlanError> {
 }
 
 /// Maps `image`'s configuration and `overrides` to the launch configuration, and checks the
-/// program against `tree` (see the module documentation). `--env K` reads the host's
-/// environment.
+/// program against `tree` (see the module documentation).
 pub fn plan(
     image: &Image,
     tree: &Tree,
     overrides: &Overrides,
     target: &Target,
-) -> Result<Config, PlanError> {
-    plan_with(image, tree, overrides, target, &|k| std::env::var_os(k))
-}
-
-/// [`plan`] with the host's environment given as a lookup.
-fn plan_with(
-    image: &Image,
-    tree: &Tree,
-    overrides: &Overrides,
-    target: &Target,
-    host_env: &dyn Fn(&str) -> Option<OsString>,
 ) -> Result<Config, PlanError> {
     let none = oci_spec::image::Config::default();
     let ic = image.config.config().as_ref().unwrap_or(&none);
@@ -427,24 +457,10 @@ fn plan_with(
         }
     }
     for e in &overrides.env {
-        match e.split_once('=') {
-            Some(("", _)) => return Err(PlanError::EnvName(e.clone())),
-            Some((k, v)) => {
-                env.insert(k.to_string(), v.to_string());
-            }
-            None if e.is_empty() => return Err(PlanError::EnvName(e.clone())),
-            None => match host_env(e) {
-                Some(v) => {
-                    let v = v
-                        .into_string()
-                        .map_err(|_| PlanError::EnvNotUtf8(e.clone()))?;
-                    env.insert(e.clone(), v);
-                }
-                None => {
-                    env.remove(e);
-                }
-            },
-        }
+        match &e.value {
+            Some(v) => env.insert(e.name.clone(), v.clone()),
+            None => env.remove(&e.name),
+        };
     }
     env.entry("PATH".to_string())
         .or_insert_with(|| DEFAULT_PATH.to_string());
@@ -506,6 +522,8 @@ fn plan_with(
             source_image: Some(image.source.clone()),
             source_digest: Some(image.manifest_digest.to_string()),
             source_created: image.config.created().clone(),
+            modules: target.modules.clone(),
+            kernel: target.kernel.clone(),
             ..Oci2uk::default()
         },
     };

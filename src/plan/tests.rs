@@ -130,6 +130,8 @@ fn x86() -> Target {
     Target {
         machine: Machine::X86_64,
         name: "test".into(),
+        modules: Vec::new(),
+        kernel: None,
     }
 }
 
@@ -138,7 +140,7 @@ fn no_host(_: &str) -> Option<OsString> {
 }
 
 fn run(c: &Case, config: Value, o: &Overrides) -> Result<Config, PlanError> {
-    plan_with(&image(config), &c.tree, o, &x86(), &no_host)
+    plan(&image(config), &c.tree, o, &x86())
 }
 
 fn ok(c: &Case, config: Value, o: &Overrides) -> Config {
@@ -267,12 +269,16 @@ fn environment() {
     assert_eq!(env(&cfg, "HOME").as_deref(), Some("/root"));
     assert_eq!(env(&cfg, "HOSTNAME").as_deref(), Some("test"));
 
+    let host = |k: &str| (k == "FROMHOST").then(|| OsString::from("h v"));
     let o = Overrides {
-        env: words(&["B=20", "C=", "FROMHOST", "A", "B=21", "HOME=/h"]),
+        env: resolve_env(
+            &words(&["B=20", "C=", "FROMHOST", "A", "B=21", "HOME=/h"]),
+            &host,
+        )
+        .unwrap(),
         ..Overrides::default()
     };
-    let host = |k: &str| (k == "FROMHOST").then(|| OsString::from("h v"));
-    let cfg = plan_with(&image(img.clone()), &c.tree, &o, &x86(), &host).unwrap();
+    let cfg = plan(&image(img.clone()), &c.tree, &o, &x86()).unwrap();
     assert_eq!(env(&cfg, "B").as_deref(), Some("21"));
     assert_eq!(env(&cfg, "C").as_deref(), Some(""));
     assert_eq!(env(&cfg, "FROMHOST").as_deref(), Some("h v"));
@@ -286,11 +292,9 @@ fn environment() {
     assert_eq!(env(&cfg, "PATH").as_deref(), Some("/usr/bin"));
 
     for bad in ["=x", ""] {
-        let o = Overrides {
-            env: vec![bad.into()],
-            ..Overrides::default()
-        };
-        let e = err(&c, json!({"Cmd": ["sh"]}), &o);
+        let e = resolve_env(&[bad.into()], &no_host)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the variable name is empty"), "{e}");
     }
 }
@@ -797,8 +801,10 @@ fn host_names() {
         let t = Target {
             machine: Machine::X86_64,
             name: name.into(),
+            modules: Vec::new(),
+            kernel: None,
         };
-        plan_with(&image(json!({})), &c.tree, &o, &t, &no_host).map(|cfg| {
+        plan(&image(json!({})), &c.tree, &o, &t).map(|cfg| {
             assert_eq!(cfg.env["HOSTNAME"], *cfg.hostname.as_ref().unwrap());
             cfg.hostname.unwrap()
         })
@@ -820,7 +826,7 @@ fn emitted_config_round_trips() {
         t.dir("data/");
     });
     let o = Overrides {
-        env: words(&["A=1"]),
+        env: resolve_env(&words(&["A=1"]), &no_host).unwrap(),
         user: Some("app".into()),
         workdir: Some("/srv".into()),
         net: Some("10.0.2.15/24,10.0.2.2".into()),
@@ -862,6 +868,8 @@ fn hello_world_from_the_conformance_corpus() {
     let target = |machine| Target {
         machine,
         name: img.name.clone(),
+        modules: Vec::new(),
+        kernel: None,
     };
     let cfg = plan(
         &img,

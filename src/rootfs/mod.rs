@@ -73,20 +73,17 @@ pub enum Layout {
     /// (`scripts/bench-memory.sh`), and boots sooner.
     #[default]
     Squashfs,
-    /// The same with EROFS: not written yet (see [`RootfsError::Unsupported`]).
-    Erofs,
 }
 
 impl Layout {
     /// Every layout, in the order `--help` lists them.
-    pub const ALL: [Layout; 3] = [Layout::Initramfs, Layout::Erofs, Layout::Squashfs];
+    pub const ALL: [Layout; 2] = [Layout::Initramfs, Layout::Squashfs];
 
-    /// The name: `initramfs`, `erofs`, `squashfs`.
+    /// The name: `initramfs`, `squashfs`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Initramfs => "initramfs",
             Self::Squashfs => "squashfs",
-            Self::Erofs => "erofs",
         }
     }
 
@@ -95,7 +92,6 @@ impl Layout {
         match self {
             Self::Initramfs => &[],
             Self::Squashfs => squashfs::MODULES,
-            Self::Erofs => &["loop", "erofs", "overlay"],
         }
     }
 }
@@ -112,7 +108,7 @@ impl FromStr for Layout {
         Self::ALL
             .into_iter()
             .find(|l| l.name() == s)
-            .ok_or_else(|| format!("unknown root file system {s:?} (initramfs, erofs, squashfs)"))
+            .ok_or_else(|| format!("unknown root file system {s:?} (initramfs, squashfs)"))
     }
 }
 
@@ -416,14 +412,6 @@ pub enum RootfsError {
     /// More inodes than newc can number.
     #[error("the tree has more than 4294967295 inodes")]
     TooManyInodes,
-    /// A root file system oci2uk does not write yet.
-    #[error("--rootfs {layout} is not supported yet: {why}")]
-    Unsupported {
-        /// The layout asked for.
-        layout: Layout,
-        /// Why, and what to use instead.
-        why: &'static str,
-    },
     /// A host file given as an extra changed length.
     #[error("{path} changed while the initramfs was written")]
     HostFileChanged {
@@ -457,10 +445,8 @@ pub fn write_layout(
     tmp_dir: &Path,
     w: impl Write,
 ) -> Result<RootfsStats, RootfsError> {
-    check_layout(layout)?;
     match layout {
         Layout::Initramfs => write_initramfs(tree, extras, opts, w),
-        Layout::Erofs => unreachable!("refused by check_layout"),
         Layout::Squashfs => {
             let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
             let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
@@ -470,19 +456,6 @@ pub fn write_layout(
             stats.root_image = Some(sq);
             Ok(stats)
         }
-    }
-}
-
-/// Whether oci2uk writes `layout`: a build checks it before it downloads anything.
-pub fn check_layout(layout: Layout) -> Result<(), RootfsError> {
-    match layout {
-        Layout::Erofs => Err(RootfsError::Unsupported {
-            layout,
-            why: "there is no maintained Rust EROFS writer, Debian 12's mkfs.erofs (1.5) cannot \
-                  read a tar and oci2uk never unpacks an image onto the host; use --rootfs \
-                  squashfs",
-        }),
-        Layout::Initramfs | Layout::Squashfs => Ok(()),
     }
 }
 

@@ -400,7 +400,6 @@ fn the_squashfs_layout_holds_extras_and_the_image() {
     let mut fx = Fixture::new();
     let tree = sample(&mut fx);
     let tmp = tempfile::tempdir().unwrap();
-    let extras = layout_extras();
     let opts = super::super::RootfsOptions {
         codec: super::super::Codec::None,
         ..Default::default()
@@ -427,18 +426,6 @@ fn the_squashfs_layout_holds_extras_and_the_image() {
     let (img, _) = write(&tree, &SquashfsOptions::default());
     let bytes = std::fs::read(img.path()).unwrap();
     assert!(out.windows(bytes.len()).any(|w| w == bytes.as_slice()));
-
-    let err = super::super::write_layout(
-        super::super::Layout::Erofs,
-        &tree,
-        &extras,
-        &opts,
-        &SquashfsOptions::default(),
-        tmp.path(),
-        &mut Vec::new(),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("not supported yet"), "{err}");
 }
 
 /// The names of a newc archive's entries, up to its trailer, and where it ends.

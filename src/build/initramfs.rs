@@ -1,0 +1,149 @@
+//! The initramfs of a build: from the cache when an earlier build made it, else flattened,
+//! planned and written into the cache under its key.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use crate::cache::{Hasher, RootfsEntry};
+use crate::kernel::Kernel;
+use crate::output::sink::set_default_mode;
+use crate::{plan, rootfs};
+
+use super::keys::{self, RootfsInputs};
+use super::{BuildError, Job, BAKED_ROOTFS, GUEST_MODULES};
+
+/// An initramfs ready to bake: a verified blob of the cache, its digest and length, the guest
+/// memory the image needs, and the key it is kept under (none when the build cannot be keyed).
+pub(super) struct Initramfs {
+    pub path: PathBuf,
+    pub digest: String,
+    pub len: u64,
+    pub memory_mib: u64,
+    pub key: Option<String>,
+}
+
+impl Job {
+    /// The initramfs of this image, kernel and options: from the cache when an earlier build
+    /// made it (no flattening then), else flattened, planned, written into the cache and
+    /// recorded under its key.
+    pub(super) fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
+        let modules = kernel.modules(self.req.modules.as_deref())?;
+        let wanted: Vec<&str> = GUEST_MODULES
+            .iter()
+            .chain(self.req.rootfs.modules())
+            .copied()
+            .collect();
+        let needed = modules.closure(&wanted).map_err(BuildError::Modules)?;
+        let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
+        let mut module_paths = Vec::new();
+        for m in &needed {
+            let ko = modules.read(m).map_err(BuildError::Modules)?;
+            extras.push(rootfs::Extra::module(&m.name, ko));
+            module_paths.push(rootfs::module_path(&m.name));
+        }
+        let opts = rootfs::RootfsOptions {
+            codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
+            level: None,
+            source_date_epoch: self.req.source_date_epoch,
+        };
+        let key = keys::rootfs_key(
+            &self.cache,
+            &RootfsInputs {
+                img: &self.img,
+                name: &self.req.source.name(),
+                kernel,
+                kernel_file: &self.kernel.as_ref().expect("a kernel").file_sha256,
+                extras: &extras,
+                opts: &opts,
+                layout: self.req.rootfs,
+                max_size: self.req.max_size,
+                overrides: &self.req.overrides,
+            },
+        );
+        if let Some(key) = &key {
+            if let Some((entry, path)) = self.cache.get_rootfs(key)? {
+                tracing::debug!(%key, initramfs = %entry.initramfs, "the initramfs is in the cache");
+                return Ok(Initramfs {
+                    path,
+                    digest: entry.initramfs,
+                    len: entry.size,
+                    memory_mib: entry.memory_mib,
+                    key: Some(key.clone()),
+                });
+            }
+        }
+
+        let tree = self.flatten()?;
+        tracing::debug!("flattened");
+        let target = plan::Target {
+            machine: kernel.machine,
+            name: self.req.source.name(),
+            modules: module_paths,
+            kernel: Some(kernel.version.clone()),
+        };
+        let config = plan::plan(&self.img, &tree, &self.req.overrides, &target)?;
+        extras.push(rootfs::Extra::config(config.to_json().into_bytes()));
+
+        // Written beside the blobs (same filesystem), then moved into the cache under its
+        // digest: the bake must know the length before it writes, and a later build with the
+        // same key starts from here.
+        let tmp_err = |e| self.tmp_err(e);
+        let mut file = tempfile::NamedTempFile::new_in(&self.tmp).map_err(tmp_err)?;
+        let mut hashed = HashingWriter {
+            inner: file.as_file_mut(),
+            hasher: Hasher::sha256(),
+        };
+        let squash = rootfs::SquashfsOptions {
+            source_date_epoch: self.req.source_date_epoch,
+            ..Default::default()
+        };
+        let stats = rootfs::write_layout(
+            self.req.rootfs,
+            &tree,
+            &extras,
+            &opts,
+            &squash,
+            &self.tmp,
+            &mut hashed,
+        )?;
+        let digest = hashed.hasher.finish();
+        tracing::debug!(size = stats.compressed_size, "the initramfs is written");
+        drop(tree);
+        let memory_mib = rootfs::memory_needed(&stats, BAKED_ROOTFS);
+        // A bundle copies this file as its initrd: an ordinary file, not a temporary's 0600.
+        set_default_mode(file.as_file()).map_err(tmp_err)?;
+        let entry = RootfsEntry {
+            initramfs: digest.to_string(),
+            size: stats.compressed_size,
+            memory_mib,
+        };
+        let path = self
+            .cache
+            .put_rootfs(key.as_deref(), file, &digest, &entry)?;
+        Ok(Initramfs {
+            path,
+            digest: digest.to_string(),
+            len: stats.compressed_size,
+            memory_mib,
+            key,
+        })
+    }
+}
+
+/// Hashes what passes through to a writer.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
