@@ -23,6 +23,9 @@
 //! - [`bake`]: kernel + initramfs + command line in, one bootable PVH ELF out.
 //! - [`build`]: the whole pipeline for the `build` command; [`run`]: a baked file in, a QEMU
 //!   guest out; [`init_blob`]: the embedded guest init.
+//! - [`launch`]: a guest's description in, what each hypervisor takes out (QEMU's arguments
+//!   and script, Firecracker's JSON, Cloud Hypervisor's script, xl.cfg); [`run`] and
+//!   [`bundle`] use it.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -35,6 +38,7 @@ pub mod flatten;
 pub mod image;
 pub mod init_blob;
 pub mod kernel;
+pub mod launch;
 pub mod output;
 pub mod plan;
 pub mod progress;
