@@ -29,6 +29,9 @@
 //! - [`host`]: probes of the machine oci2uk runs on (the TSC frequency a build bakes).
 //! - [`build`]: the whole pipeline for the `build` command; [`run`]: a baked file in, a QEMU
 //!   guest out; [`init_blob`]: the embedded guest init.
+//! - [`launch`]: a guest's description in, what each hypervisor takes out (QEMU's arguments
+//!   and script, Firecracker's JSON, Cloud Hypervisor's script, xl.cfg); [`run`] and
+//!   [`bundle`] use it.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -43,6 +46,7 @@ pub mod image;
 pub mod init_blob;
 pub mod input;
 pub mod kernel;
+pub mod launch;
 pub mod oci;
 pub mod output;
 pub mod plan;

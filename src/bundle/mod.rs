@@ -15,23 +15,20 @@
 //! ```
 //!
 //! The launch files name the files by relative paths: the scripts change to their own
-//! directory first; Firecracker and `xl` are started from the bundle directory. Each follows
-//! its tool's documented format: Firecracker's `VmmConfig` JSON (`boot-source`, `drives`,
-//! `machine-config`, `network-interfaces`), Cloud Hypervisor's command line (`--kernel`,
-//! `--initramfs`, `--cmdline`, `--memory size=`, `--serial tty --console off`, `--net tap=`),
-//! xl.cfg(5)'s `KEY = VALUE` lines (`name`, `type`, `kernel`, `ramdisk`, `cmdline`, `extra`,
-//! `memory`, `vcpus`, `vif`, `on_*`).
+//! directory first; Firecracker and `xl` are started from the bundle directory. The launch
+//! files are rendered by [`crate::launch`], the QEMU script from the model `run` starts QEMU
+//! with.
 //!
 //! The directory is written beside the destination under a temporary name and renamed into
 //! place; an existing bundle is renamed away first and removed after, so a reader sees the
 //! old bundle or the new one, and a failure leaves the old one as it was.
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+
+use crate::launch::{self, qemu};
 
 /// The kernel's file in the bundle.
 pub const VMLINUX: &str = "vmlinux";
@@ -52,19 +49,10 @@ pub const XEN_PV: &str = "xen-pv.cfg";
 /// The README.
 pub const README: &str = "README";
 
-/// The tap device the Firecracker and Cloud Hypervisor launch files attach.
-pub const TAP: &str = "tap0";
-/// The Xen bridge the xl configurations attach.
-pub const XEN_BRIDGE: &str = "xenbr0";
-/// The guest's MAC address on Firecracker: locally administered, unicast.
-pub const GUEST_MAC: &str = "06:00:ac:10:00:02";
-/// What Firecracker needs on the command line beyond the baked one: reboot through the
-/// keyboard controller (which stops the VM; the baked `panic=-1` reboots on a panic), no PCI
-/// probe, and no i8042 probes that only cost time (as Firecracker's own default has them).
-pub const FIRECRACKER_ARGS: &str = "reboot=k pci=off i8042.noaux i8042.nomux i8042.nopnp \
-                                    i8042.dumbkbd";
-/// What the Xen launch files add to the command line: Xen's console.
-pub const XEN_ARGS: &str = "console=hvc0";
+pub use crate::launch::firecracker::{FIRECRACKER_ARGS, GUEST_MAC};
+pub use crate::launch::ports::{forwards, BadPort, Port, Proto};
+pub use crate::launch::xen::{XEN_ARGS, XEN_BRIDGE};
+pub use crate::launch::TAP;
 
 /// Bytes in memory, or a file to copy.
 #[derive(Debug, Clone, Copy)]
@@ -73,100 +61,6 @@ pub enum Blob<'a> {
     Bytes(&'a [u8]),
     /// A file holding them.
     File(&'a Path),
-}
-
-/// A transport protocol of an exposed port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// `tcp` or `udp`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
-/// A port the image exposes (an `ExposedPorts` key: `80/tcp`, `53/udp`, `8080`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Port {
-    /// The guest's port.
-    pub port: u16,
-    /// Its protocol.
-    pub proto: Proto,
-}
-
-impl fmt::Display for Port {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.port, self.proto.name())
-    }
-}
-
-/// A port that is not `PORT[/tcp|/udp]`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a port (expected PORT, PORT/tcp or PORT/udp)")]
-pub struct BadPort(pub String);
-
-impl FromStr for Port {
-    type Err = BadPort;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadPort(s.to_string());
-        let (port, proto) = match s.split_once('/') {
-            Some((p, "tcp")) => (p, Proto::Tcp),
-            Some((p, "udp")) => (p, Proto::Udp),
-            Some(_) => return Err(bad()),
-            None => (s, Proto::Tcp),
-        };
-        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad());
-        }
-        match port.parse::<u16>() {
-            Ok(port) if port != 0 => Ok(Port { port, proto }),
-            _ => Err(bad()),
-        }
-    }
-}
-
-/// A forward from a host port to a guest port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Forward {
-    /// The host's port (on 127.0.0.1).
-    pub host: u16,
-    /// The guest's.
-    pub guest: Port,
-}
-
-/// The host ports QEMU forwards: the guest's port, or `8000 + port` for ports below 1024
-/// (which only root may bind: 80 -> 8080, 443 -> 8443); the next free one when two would
-/// collide. Sorted and deduplicated by guest port.
-pub fn forwards(ports: &[Port]) -> Vec<Forward> {
-    let mut ports = ports.to_vec();
-    ports.sort();
-    ports.dedup();
-    let mut out: Vec<Forward> = Vec::new();
-    for guest in ports {
-        let mut host = if guest.port < 1024 {
-            8000 + guest.port
-        } else {
-            guest.port
-        };
-        while out
-            .iter()
-            .any(|f| f.host == host && f.guest.proto == guest.proto)
-        {
-            host = if host == u16::MAX { 1024 } else { host + 1 };
-        }
-        out.push(Forward { host, guest });
-    }
-    out
 }
 
 /// What goes into a bundle.
@@ -251,173 +145,62 @@ pub fn elf_name(name: &str) -> String {
     format!("{}.elf", safe_name(name))
 }
 
-/// An xl.cfg string: double quotes, or single quotes around a value holding double ones (xl
-/// has no escapes).
-fn xl_string(s: &str) -> Result<String, BundleError> {
-    if !s.contains('"') {
-        Ok(format!("\"{s}\""))
-    } else if !s.contains('\'') {
-        Ok(format!("'{s}'"))
-    } else {
-        Err(BundleError::Cmdline {
-            why: "it holds both kinds of quote, which an xl.cfg string cannot",
-        })
+/// The guest as the launch files name its parts.
+fn guest<'a>(parts: &'a BundleParts<'_>, name: &'a str) -> launch::Guest<'a> {
+    launch::Guest {
+        name,
+        kernel: VMLINUX,
+        initrd: INITRD,
+        cmdline: &parts.cmdline,
+        cmdline_file: CMDLINE,
+        memory_mib: parts.memory_mib,
+        vcpus: parts.vcpus,
     }
 }
 
-/// The QEMU script.
+/// The QEMU script: the exposed ports forwarded from 127.0.0.1, the TSC hinted on microvm
+/// under emulation (the script cannot know the host's), the console on the terminal.
 pub fn qemu_script(parts: &BundleParts<'_>) -> String {
-    let fwd = forwards(&parts.ports);
-    let mut netdev = "user,id=net0".to_string();
-    let mut described = String::new();
-    for f in &fwd {
-        netdev.push_str(&format!(
-            ",hostfwd={}:127.0.0.1:{}-:{}",
-            f.guest.proto.name(),
-            f.host,
-            f.guest.port
-        ));
-        described.push_str(&format!(
-            "#   {} 127.0.0.1:{} -> guest port {}\n",
-            f.guest.proto.name(),
-            f.host,
-            f.guest.port
-        ));
-    }
-    if described.is_empty() {
-        described.push_str("#   (none: the image exposes no port)\n");
-    }
-    format!(
-        r#"#!/bin/sh
-# Boots {name} on QEMU: {VMLINUX} with {INITRD} and the command line in {CMDLINE},
-# {mem} MiB, the serial console on this terminal (Ctrl-A X quits). Host ports forwarded:
-{described}# KVM when this machine can run guests with it, software emulation otherwise; the
-# microvm machine with KVM, q35 otherwise. OCI2UK_ACCEL=kvm|tcg and OCI2UK_MACHINE=microvm|q35
-# choose. Further arguments go to QEMU.
-set -eu
-cd "$(dirname "$0")"
-accel=${{OCI2UK_ACCEL:-}}
-if [ -z "$accel" ]; then
-    # /dev/kvm opens on machines that do not expose virtualisation to this one (nested
-    # virtualisation off), and guests then never start: require vmx or svm as well.
-    if [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then accel=kvm; else accel=tcg; fi
-fi
-machine=${{OCI2UK_MACHINE:-}}
-if [ -z "$machine" ]; then
-    if [ "$accel" = kvm ]; then machine=microvm; else machine=q35; fi
-fi
-append=$(cat {CMDLINE})
-case "$machine" in
-microvm)
-    machine=microvm,isa-serial=on
-    net=virtio-net-device
-    # Emulated, microvm gives Linux no way to measure the TSC's frequency: say it.
-    if [ "$accel" = tcg ]; then append="$append tsc_early_khz=2000000"; fi
-    ;;
-*)
-    net=virtio-net-pci
-    ;;
-esac
-exec qemu-system-x86_64 \
-    -machine "$machine" -accel "$accel" -cpu max -smp {vcpus} -m {mem} \
-    -kernel {VMLINUX} -initrd {INITRD} -append "$append" \
-    -netdev {netdev} \
-    -device "$net,netdev=net0" \
-    -nographic -no-reboot "$@"
-"#,
-        name = safe_name(&parts.name),
-        mem = parts.memory_mib,
-        vcpus = parts.vcpus,
-    )
+    let q = qemu::Qemu {
+        kernel: VMLINUX.into(),
+        initrd: Some(INITRD.into()),
+        append: None,
+        memory_mib: parts.memory_mib,
+        vcpus: parts.vcpus,
+        forwards: forwards(&parts.ports),
+        console: qemu::Console::Terminal,
+        rtc: false,
+        tsc_khz: Some(qemu::TSC_HINT_KHZ),
+    };
+    q.script(&safe_name(&parts.name), CMDLINE)
 }
 
 /// Firecracker's command line: the baked one and [`FIRECRACKER_ARGS`].
 pub fn firecracker_args(cmdline: &str) -> String {
-    format!("{cmdline} {FIRECRACKER_ARGS}")
+    launch::firecracker::boot_args(cmdline)
 }
 
 /// The Firecracker configuration (`firecracker --no-api --config-file firecracker.json`).
 pub fn firecracker_json(parts: &BundleParts<'_>) -> String {
-    let v = serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": VMLINUX,
-            "initrd_path": INITRD,
-            "boot_args": firecracker_args(&parts.cmdline),
-        },
-        // Firecracker's configuration has no default for this list.
-        "drives": [],
-        "machine-config": {
-            "vcpu_count": parts.vcpus,
-            "mem_size_mib": parts.memory_mib,
-        },
-        "network-interfaces": [{
-            "iface_id": "eth0",
-            "guest_mac": GUEST_MAC,
-            "host_dev_name": TAP,
-        }],
-    });
-    let mut s = serde_json::to_string_pretty(&v).expect("JSON values serialise");
-    s.push('\n');
-    s
+    launch::firecracker::config_json(&guest(parts, &safe_name(&parts.name)))
 }
 
 /// The Cloud Hypervisor script.
 pub fn cloud_hypervisor_script(parts: &BundleParts<'_>) -> String {
-    format!(
-        r#"#!/bin/sh
-# Boots {name} on Cloud Hypervisor: {VMLINUX} (PVH) with {INITRD} and the command line in
-# {CMDLINE}, {mem} MiB, the serial console on this terminal. The guest's network is the tap
-# device $OCI2UK_TAP (default {TAP}); Cloud Hypervisor creates it when it has CAP_NET_ADMIN.
-# The guest asks for an address by DHCP. Further arguments go to Cloud Hypervisor.
-set -eu
-cd "$(dirname "$0")"
-exec cloud-hypervisor \
-    --kernel {VMLINUX} --initramfs {INITRD} --cmdline "$(cat {CMDLINE})" \
-    --cpus boot={vcpus} --memory size={mem}M \
-    --serial tty --console off \
-    --net "tap=${{OCI2UK_TAP:-{TAP}}}" "$@"
-"#,
-        name = safe_name(&parts.name),
-        mem = parts.memory_mib,
-        vcpus = parts.vcpus,
-    )
-}
-
-fn xl_common(parts: &BundleParts<'_>) -> String {
-    format!(
-        "memory = {mem}\nvcpus = {vcpus}\nvif = [ 'bridge={XEN_BRIDGE}' ]\n\
-         # The application's end powers the guest off; a panic reboots it (panic=-1): either way\n\
-         # the domain goes.\n\
-         on_poweroff = \"destroy\"\non_reboot = \"destroy\"\non_crash = \"destroy\"\n",
-        mem = parts.memory_mib,
-        vcpus = parts.vcpus,
-    )
+    launch::cloud_hypervisor::script(&guest(parts, &safe_name(&parts.name)))
 }
 
 /// The Xen PVH configuration: the baked file alone, Xen's console added.
 pub fn xen_pvh_cfg(parts: &BundleParts<'_>) -> String {
     let name = safe_name(&parts.name);
-    format!(
-        "# {name} as a Xen PVH guest: the baked file holds the kernel, the initramfs and the\n\
-         # command line; `extra` is appended to the baked command line.\n\
-         # Start it from this directory: xl create -c {XEN_PVH}\n\
-         name = \"{name}\"\ntype = \"pvh\"\nkernel = \"{elf}\"\nextra = \"{XEN_ARGS}\"\n{common}",
-        elf = elf_name(&parts.name),
-        common = xl_common(parts),
-    )
+    launch::xen::pvh_cfg(&guest(parts, &name), &elf_name(&parts.name), XEN_PVH)
 }
 
 /// The Xen PV configuration: kernel and ramdisk, the whole command line with Xen's console.
 pub fn xen_pv_cfg(parts: &BundleParts<'_>) -> Result<String, BundleError> {
     let name = safe_name(&parts.name);
-    Ok(format!(
-        "# {name} as a classic Xen PV guest: {VMLINUX} (built with Xen PV support) and {INITRD}.\n\
-         # Start it from this directory: xl create -c {XEN_PV}\n\
-         name = \"{name}\"\ntype = \"pv\"\nkernel = \"{VMLINUX}\"\nramdisk = \"{INITRD}\"\n\
-         cmdline = {cmdline}\n{common}",
-        cmdline = xl_string(&format!("{} {XEN_ARGS}", parts.cmdline))?,
-        common = xl_common(parts),
-    ))
+    launch::xen::pv_cfg(&guest(parts, &name), XEN_PV)
+        .map_err(|e| BundleError::Cmdline { why: e.why })
 }
 
 /// The README.

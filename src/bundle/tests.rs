@@ -437,46 +437,6 @@ fn an_existing_bundle_is_replaced_and_failures_leave_it() {
 }
 
 #[test]
-fn ports_and_their_host_forwards() {
-    let p = |s: &str| s.parse::<Port>();
-    assert_eq!(
-        p("80/tcp").unwrap(),
-        Port {
-            port: 80,
-            proto: Proto::Tcp
-        }
-    );
-    assert_eq!(
-        p("8080").unwrap(),
-        Port {
-            port: 8080,
-            proto: Proto::Tcp
-        }
-    );
-    assert_eq!(p("53/udp").unwrap().to_string(), "53/udp");
-    for bad in ["", "0", "80/sctp", "+80", "65536", "x/tcp", "80/"] {
-        assert!(p(bad).is_err(), "{bad}");
-    }
-    let ports: Vec<Port> = ["8080/tcp", "80/tcp", "80/tcp", "53/udp", "53/tcp"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    let f: Vec<(u16, String)> = forwards(&ports)
-        .iter()
-        .map(|f| (f.host, f.guest.to_string()))
-        .collect();
-    assert_eq!(
-        f,
-        [
-            (8053, "53/tcp".to_string()),
-            (8053, "53/udp".to_string()),
-            (8080, "80/tcp".to_string()),
-            (8081, "8080/tcp".to_string()),
-        ]
-    );
-}
-
-#[test]
 fn names_are_safe() {
     assert_eq!(elf_name("nginx"), "nginx.elf");
     assert_eq!(elf_name("web/nginx:1"), "web-nginx-1.elf");
@@ -486,6 +446,7 @@ fn names_are_safe() {
 
 /// The init of the boot test: loads the virtio modules in order, sets QEMU user networking's
 /// static address, serves a page with busybox httpd, and says so on the console.
+#[cfg(feature = "vm-tests")]
 fn boot_init(modules: &[String], port: u16) -> String {
     format!(
         "#!/bin/busybox sh\n\
@@ -506,8 +467,9 @@ fn boot_init(modules: &[String], port: u16) -> String {
 }
 
 /// Boots the bundle's `qemu.sh` with the installed kernel under software emulation, on q35
-/// and on microvm, and fetches a page through its port forward. Slow, so run only with
-/// `OCI2UK_VM_TESTS=1`.
+/// and on microvm, and fetches a page through its port forward. Slow, so built only with the
+/// `vm-tests` feature.
+#[cfg(feature = "vm-tests")]
 #[test]
 fn qemu_script_boots_and_forwards_ports() {
     use std::io::{Read, Write};
@@ -516,10 +478,6 @@ fn qemu_script_boots_and_forwards_ports() {
     use crate::flatten::testutil::Fixture;
     use crate::rootfs::{self, Codec, Extra, RootfsOptions};
 
-    if std::env::var("OCI2UK_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipping the QEMU boot test: set OCI2UK_VM_TESTS=1 to run it");
-        return;
-    }
     let chosen = crate::kernel::discover(None).expect("a kernel: set OCI2UK_KERNEL");
     let kernel = crate::kernel::Kernel::load(&chosen.path).unwrap();
     let modules = kernel.modules(None).unwrap();

@@ -822,9 +822,31 @@ fn the_codec_for_a_kernel() {
     );
 }
 
+/// Boots `kernel` with `initrd` and the command line `append` on q35 under QEMU's software
+/// emulation, as the launch model renders it, killed after `timeout_s` seconds.
+fn tcg_boot(
+    kernel: &Path,
+    initrd: &Path,
+    memory_mib: u64,
+    append: &str,
+    timeout_s: u32,
+) -> Command {
+    use crate::launch::qemu::{self, Accel, Machine, Qemu};
+    let mut model = Qemu::new(kernel.display().to_string(), memory_mib);
+    model.initrd = Some(initrd.display().to_string());
+    model.append = Some(append.to_string());
+    let mut cmd = Command::new("timeout");
+    cmd.arg(timeout_s.to_string())
+        .arg(qemu::BINARY)
+        .args(model.args(Machine::Q35, Accel::Tcg))
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// The init of the boot test: checks from inside the guest that the hardlink group shares one
 /// inode with its data (busybox itself runs through a link whose entry had no data), that
 /// owners, modes and symlinks came through, and powers off.
+#[cfg(feature = "vm-tests")]
 const BOOT_INIT: &str = "#!/bin/busybox sh\n\
 b=/bin/busybox\n\
 $b mount -t proc proc /proc\n\
@@ -838,13 +860,10 @@ unpacked=$u\"\n\
 $b poweroff -f\n";
 
 /// Boots the installed kernel under QEMU (software emulation) with an initramfs in every
-/// codec. Slow, so run only with `OCI2UK_VM_TESTS=1`.
+/// codec. Slow, so built only with the `vm-tests` feature.
+#[cfg(feature = "vm-tests")]
 #[test]
 fn the_kernel_unpacks_every_codec() {
-    if std::env::var("OCI2UK_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipping the QEMU boot test: set OCI2UK_VM_TESTS=1 to run it");
-        return;
-    }
     let kernel = crate::kernel::discover(None).expect("a kernel: set OCI2UK_KERNEL");
     let busybox = std::fs::read("/bin/busybox").expect("a static /bin/busybox");
     let mut fx = Fixture::new();
@@ -875,28 +894,15 @@ fn the_kernel_unpacks_every_codec() {
         let file = std::fs::File::create(&initrd).unwrap();
         let stats = write_initramfs(&tree, &extras, &opts(codec), file).unwrap();
         let start = std::time::Instant::now();
-        let out = Command::new("timeout")
-            .args([
-                "240",
-                "qemu-system-x86_64",
-                "-accel",
-                "tcg",
-                "-M",
-                "q35",
-                "-m",
-            ])
-            .arg(memory_needed(&stats, RootfsType::Ramfs).to_string())
-            .args(["-nographic", "-no-reboot", "-kernel"])
-            .arg(&kernel.path)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args([
-                "-append",
-                "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("qemu-system-x86_64 runs");
+        let out = tcg_boot(
+            &kernel.path,
+            &initrd,
+            memory_needed(&stats, RootfsType::Ramfs),
+            "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet",
+            240,
+        )
+        .output()
+        .expect("qemu-system-x86_64 runs");
         let console = String::from_utf8_lossy(&out.stdout);
         eprintln!(
             "{codec}: {} bytes, {} in {:.1}s",
@@ -920,28 +926,15 @@ fn the_kernel_unpacks_every_codec() {
     let initrd = fx.dir.path().join("initrd.big");
     let file = std::fs::File::create(&initrd).unwrap();
     write_initramfs(&tree, &extras, &opts(Codec::Zstd), file).unwrap();
-    let out = Command::new("timeout")
-        .args([
-            "240",
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-M",
-            "q35",
-            "-m",
-            "192",
-        ])
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(&kernel.path)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 rdinit=/.oci2uk/init quiet",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = tcg_boot(
+        &kernel.path,
+        &initrd,
+        192,
+        "console=ttyS0 panic=-1 rdinit=/.oci2uk/init quiet",
+        240,
+    )
+    .output()
+    .unwrap();
     let console = String::from_utf8_lossy(&out.stdout);
     let cut_short = console.contains("Initramfs unpacking failed: write error")
         && console.contains("root=tmpfs unpacked=no");
@@ -983,10 +976,10 @@ fn codec_timings() {
         (Codec::Gzip, None),
         (Codec::Xz, None),
     ];
-    // With OCI2UK_VM_TESTS=1, also boots each with the installed kernel under QEMU's software
+    // OCI2UK_ROOTFS_BOOT=1 also boots each with the installed kernel under QEMU's software
     // emulation and prints the guest's uptime when the init starts (the initramfs unpacked),
     // or how the boot failed.
-    let boot = std::env::var("OCI2UK_VM_TESTS").as_deref() == Ok("1");
+    let boot = std::env::var("OCI2UK_ROOTFS_BOOT").as_deref() == Ok("1");
     let kernel = boot.then(|| crate::kernel::discover(None).expect("a kernel"));
     let extras = match &kernel {
         Some(_) => vec![
@@ -1047,24 +1040,11 @@ fn codec_timings() {
             memory_needed(&s, RootfsType::Tmpfs),
         );
         if let Some(k) = &kernel {
-            let out = Command::new("timeout")
-                .args([
-                    "300",
-                    "qemu-system-x86_64",
-                    "-accel",
-                    "tcg",
-                    "-M",
-                    "q35",
-                    "-m",
-                ])
-                .arg(mem.clone().unwrap_or(memory_needed(&s, rootfs).to_string()))
-                .args(["-nographic", "-no-reboot", "-kernel"])
-                .arg(&k.path)
-                .arg("-initrd")
-                .arg(&path)
-                .arg("-append")
-                .arg(append)
-                .stdin(Stdio::null())
+            let memory = match &mem {
+                Some(m) => m.parse().expect("OCI2UK_ROOTFS_MEM: MiB"),
+                None => memory_needed(&s, rootfs),
+            };
+            let out = tcg_boot(&k.path, &path, memory, append, 300)
                 .output()
                 .unwrap();
             let console = String::from_utf8_lossy(&out.stdout);

@@ -13,6 +13,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
+pub use crate::launch::ports::PortForward;
+use crate::launch::qemu;
+pub use crate::launch::qemu::kvm_usable;
+
 /// Exit status when the VM failed before the application reported one.
 pub const EXIT_VM_FAILED: u8 = 125;
 
@@ -25,58 +29,6 @@ pub enum Accel {
     Kvm,
     /// Software emulation.
     Tcg,
-}
-
-/// A port forward, `[IP:]HOST:GUEST[/tcp|/udp]` as docker's `-p`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortForward {
-    /// The host address to listen on (all addresses when `None`, as docker does).
-    pub host_ip: Option<String>,
-    /// The host port.
-    pub host: u16,
-    /// The guest port.
-    pub guest: u16,
-    /// `tcp` or `udp`.
-    pub proto: &'static str,
-}
-
-impl std::str::FromStr for PortForward {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid port forward {s:?}: expected [IP:]HOST:GUEST[/tcp|/udp]");
-        let (spec, proto) = match s.rsplit_once('/') {
-            Some((spec, "tcp")) => (spec, "tcp"),
-            Some((spec, "udp")) => (spec, "udp"),
-            Some(_) => return Err(bad()),
-            None => (s, "tcp"),
-        };
-        let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
-        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
-        match parts.as_slice() {
-            [guest, host] => Ok(Self {
-                host_ip: None,
-                host: port(host)?,
-                guest: port(guest)?,
-                proto,
-            }),
-            [guest, host, ip]
-                if ip
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok() =>
-            {
-                Ok(Self {
-                    host_ip: Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()),
-                    host: port(host)?,
-                    guest: port(guest)?,
-                    proto,
-                })
-            }
-            _ => Err(bad()),
-        }
-    }
 }
 
 /// What to run and how.
@@ -119,83 +71,39 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
-/// Whether KVM can run guests here: the CPU must offer vmx or svm (under nested
-/// virtualisation that is switched off, /dev/kvm opens but guests never start) and /dev/kvm
-/// must be usable.
-pub fn kvm_usable() -> Result<(), String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let has_flag = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    if !has_flag {
-        return Err("the CPU shows neither vmx nor svm, so KVM cannot run guests here".into());
-    }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(|_| ())
-        .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))
-}
-
-/// The QEMU arguments for a run (without the binary).
-pub fn qemu_args(opts: &RunOptions, accel: Accel) -> Vec<String> {
-    let mut netdev = String::from("user,id=n0");
-    for p in &opts.ports {
-        netdev.push_str(&format!(
-            ",hostfwd={}:{}:{}-:{}",
-            p.proto,
-            p.host_ip.as_deref().unwrap_or(""),
-            p.host,
-            p.guest
-        ));
-    }
-    let mut args: Vec<String> = [
-        "-M",
-        "microvm,isa-serial=on,rtc=on",
-        "-accel",
-        if accel == Accel::Kvm { "kvm" } else { "tcg" },
-        "-cpu",
-        if accel == Accel::Kvm { "host" } else { "max" },
-        "-m",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    args.push(opts.memory_mib.to_string());
-    args.extend(
-        [
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-netdev",
-        ]
-        .map(String::from),
-    );
-    args.push(netdev);
-    args.extend(["-device", "virtio-net-device,netdev=n0", "-kernel"].map(String::from));
-    args.push(opts.file.display().to_string());
-    if !opts.env.is_empty() {
+/// The QEMU model of a run: the baked file on microvm (the quickest boot; the file carries
+/// its TSC frequency for emulation), its console on stdout for the status line, and the
+/// wall clock under KVM too.
+pub fn qemu_model(opts: &RunOptions) -> qemu::Qemu {
+    let append = (!opts.env.is_empty()).then(|| {
         let env: serde_json::Map<String, serde_json::Value> = opts
             .env
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
         let over = serde_json::json!({ "env": env });
-        args.push("-append".into());
-        args.push(format!(
-            "oci2uk.config={}",
-            oci2uk_config::encode_override(&over)
-        ));
+        format!("oci2uk.config={}", oci2uk_config::encode_override(&over))
+    });
+    qemu::Qemu {
+        kernel: opts.file.display().to_string(),
+        initrd: None,
+        append,
+        memory_mib: opts.memory_mib,
+        vcpus: 1,
+        forwards: opts.ports.clone(),
+        console: qemu::Console::Stdio,
+        rtc: true,
+        tsc_khz: None,
     }
-    args
+}
+
+/// The QEMU arguments for a run (without the binary).
+pub fn qemu_args(opts: &RunOptions, accel: Accel) -> Vec<String> {
+    let accel = match accel {
+        Accel::Kvm => qemu::Accel::Kvm,
+        Accel::Auto | Accel::Tcg => qemu::Accel::Tcg,
+    };
+    qemu_model(opts).args(qemu::Machine::Microvm, accel)
 }
 
 /// What the guest's last line said.
@@ -340,29 +248,12 @@ pub fn recorded_memory(file: &Path) -> std::io::Result<Option<u64>> {
 pub fn default_qemu() -> PathBuf {
     std::env::var_os("OCI2UK_QEMU")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new("qemu-system-x86_64").to_path_buf())
+        .unwrap_or_else(|| Path::new(qemu::BINARY).to_path_buf())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_forwards() {
-        let p: PortForward = "8080:80".parse().unwrap();
-        assert_eq!(
-            (p.host_ip, p.host, p.guest, p.proto),
-            (None, 8080, 80, "tcp")
-        );
-        let p: PortForward = "127.0.0.1:53:5353/udp".parse().unwrap();
-        assert_eq!(
-            (p.host_ip.as_deref(), p.host, p.guest, p.proto),
-            (Some("127.0.0.1"), 53, 5353, "udp")
-        );
-        for bad in ["80", "a:80", "0:80", "8080:80/sctp", "1:2:3:4", "70000:80"] {
-            assert!(bad.parse::<PortForward>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn status_lines() {

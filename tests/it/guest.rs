@@ -12,13 +12,12 @@
 //! pid, when its test ends, passing or not.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::support::{Boot, Guest, Machine};
 use crate::util::*;
 
 /// How long a boot may take until the application answers or ends (TCG on a busy machine).
@@ -26,182 +25,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long `oci2uk run` may take to stop after a ctrl-C.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Sends `signal` (`INT`, `KILL`) to `pid`.
-fn kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// `(ppid, comm)` of a process, from `/proc/PID/stat`.
-fn proc_stat(pid: u32) -> Option<(u32, String)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `PID (COMM) STATE PPID ...`; COMM may hold spaces and parentheses.
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat[open + 1..close].to_string();
-    let mut rest = stat[close + 1..].split_whitespace();
-    let state = rest.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    let ppid = rest.next()?.parse().ok()?;
-    Some((ppid, comm))
-}
-
-/// The live children of `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| proc_stat(*p).is_some_and(|(ppid, _)| ppid == pid))
-        .collect()
-}
-
-/// Whether `pid` is a live QEMU.
-fn is_qemu(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|(_, comm)| comm.starts_with("qemu-system"))
-}
-
-/// A VM process (`oci2uk run`, or QEMU itself) with its console and stderr in a file. Dropping
-/// it kills it and every QEMU it was seen to start, by pid: `oci2uk run` starts QEMU in its own
-/// process group, so a QEMU whose `oci2uk run` died would otherwise go on running.
-struct Guest {
-    child: Child,
-    console: PathBuf,
-    qemus: Vec<u32>,
-}
-
-impl Guest {
-    fn start(cmd: &mut Command, console: PathBuf) -> Guest {
-        let out = File::create(&console).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        Guest {
-            child,
-            console,
-            qemus: Vec::new(),
-        }
-    }
-
-    /// `oci2uk run FILE ARGS...`.
-    fn run(file: &Path, args: &[&str], console: PathBuf) -> Guest {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
-        cmd.arg("run").arg(file).args(args);
-        Guest::start(&mut cmd, console)
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-
-    /// Notes the QEMU processes the child has started (itself, when it is QEMU).
-    fn note_qemus(&mut self) {
-        let pid = self.child.id();
-        let mut found = children_of(pid);
-        found.push(pid);
-        for p in found {
-            if is_qemu(p) && !self.qemus.contains(&p) {
-                self.qemus.push(p);
-            }
-        }
-    }
-
-    /// The exit status once the process has ended, noting its QEMUs meanwhile.
-    fn poll(&mut self) -> Option<ExitStatus> {
-        self.note_qemus();
-        self.child.try_wait().unwrap()
-    }
-
-    /// Waits for the process to end by itself; panics with the console after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.poll() {
-                return st;
-            }
-            if start.elapsed() > timeout {
-                panic!(
-                    "still running after {timeout:?}; console:\n{}",
-                    self.console()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The QEMU processes seen that are still alive.
-    fn live_qemus(&self) -> Vec<u32> {
-        self.qemus.iter().copied().filter(|p| is_qemu(*p)).collect()
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        self.note_qemus();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for pid in self.live_qemus() {
-            kill(pid, "KILL");
-        }
-        // Reparented, they are reaped by whoever is PID 1 here: wait until they are gone, so
-        // the next test starts on an idle machine.
-        let start = Instant::now();
-        while !self.live_qemus().is_empty() && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// `GET path` over HTTP/1.0: the status line and the body, or `None` when nothing answered.
-fn http_get(port: u16, path: &str) -> Option<(String, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Some((status, body.to_string()))
-}
-
-/// GETs `path` until it answers 200, the guest ends, or `timeout` passes; returns the body.
-fn wait_page(guest: &mut Guest, port: u16, path: &str, timeout: Duration) -> String {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Some(st) = guest.poll() {
-            panic!(
-                "the guest ended ({st}) before serving; console:\n{}",
-                guest.console()
-            );
-        }
-        if let Some((status, body)) = http_get(port, path) {
-            if status.starts_with("HTTP/1.") && status.contains(" 200 ") {
-                return body;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("no page after {timeout:?}; console:\n{}", guest.console());
-}
-
-/// GETs `path` once, expecting 200; returns the body.
-fn get_ok(guest: &Guest, port: u16, path: &str) -> String {
-    match http_get(port, path) {
-        Some((status, body)) if status.contains(" 200 ") => body,
-        other => panic!("GET {path}: {other:?}; console:\n{}", guest.console()),
-    }
-}
 
 /// Runs buildah with its own storage under `storage` (vfs, as on a CI runner without
 /// overlayfs), in the repository.
@@ -278,7 +101,7 @@ fn dockerfile_test_builds_converts_and_serves() {
         &["-p", &format!("127.0.0.1:{port}:8080")],
         s.path().join("console"),
     );
-    let page = wait_page(&mut guest, port, "/", BOOT_TIMEOUT);
+    let page = guest.wait_page(port, "/", BOOT_TIMEOUT);
     let served = t2.elapsed();
     let want = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("testregistry/webapp/site/index.html"),
@@ -288,7 +111,7 @@ fn dockerfile_test_builds_converts_and_serves() {
 
     // The CGI scripts run as the Dockerfile's USER, with its ENV, in the guest named after the
     // repository.
-    let who = get_ok(&guest, port, "/cgi-bin/whoami");
+    let who = guest.get_ok(port, "/cgi-bin/whoami");
     for line in [
         "uid=1000 gid=1000 groups=1000",
         "user=www",
@@ -300,8 +123,8 @@ fn dockerfile_test_builds_converts_and_serves() {
         assert!(who.lines().any(|l| l == line), "{line:?} not in:\n{who}");
     }
     // The VOLUME is writable by that user.
-    assert_eq!(get_ok(&guest, port, "/cgi-bin/visit").trim(), "visits=1");
-    assert_eq!(get_ok(&guest, port, "/cgi-bin/visit").trim(), "visits=2");
+    assert_eq!(guest.get_ok(port, "/cgi-bin/visit").trim(), "visits=1");
+    assert_eq!(guest.get_ok(port, "/cgi-bin/visit").trim(), "visits=2");
     // httpd -v logs each request on the console `run` passes through.
     assert!(
         guest.console().contains("response:200"),
@@ -313,16 +136,12 @@ fn dockerfile_test_builds_converts_and_serves() {
     guest.note_qemus();
     let qemus = guest.live_qemus();
     assert_eq!(qemus.len(), 1, "one QEMU under oci2uk run: {qemus:?}");
-    kill(guest.child.id(), "INT");
+    guest.signal("INT");
     let t3 = Instant::now();
     let st = guest.wait(STOP_TIMEOUT);
     let stopped = t3.elapsed();
-    let start = Instant::now();
-    while !guest.live_qemus().is_empty() && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert!(
-        guest.live_qemus().is_empty(),
+        guest.qemus_gone(Duration::from_secs(5)),
         "QEMU {:?} still runs after oci2uk run ended ({st})",
         guest.live_qemus()
     );
@@ -470,29 +289,12 @@ fn boot_override_changes_env_and_argv_without_rebuilding() {
         "cmdline": "sh check.sh override 'a b'",
     });
     let _one = one_vm();
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-M",
-        "microvm,isa-serial=on",
-        "-nographic",
-        "-no-reboot",
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-device,netdev=n0",
-        "-kernel",
-    ])
-    .arg(&elf)
-    .args([
-        "-append",
-        &format!("oci2uk.config={}", oci2uk_config::encode_override(&over)),
-    ]);
+    let boot = Boot::new(&elf, Machine::Microvm, 256).append(&format!(
+        "oci2uk.config={}",
+        oci2uk_config::encode_override(&over)
+    ));
     let start = Instant::now();
-    let mut guest = Guest::start(&mut qemu, s.path().join("console"));
+    let mut guest = boot.start(s.path().join("console"));
     let st = guest.wait(BOOT_TIMEOUT);
     let took = start.elapsed();
     let console = guest.console();
@@ -552,28 +354,13 @@ fn run_ended_by_sigterm_leaves_no_qemu() {
         &[],
         s.path().join("console"),
     );
-    let start = Instant::now();
-    while !guest.console().contains("guest app started") {
-        if let Some(st) = guest.poll() {
-            panic!("run ended ({st}); console:\n{}", guest.console());
-        }
-        assert!(
-            start.elapsed() < BOOT_TIMEOUT,
-            "console:\n{}",
-            guest.console()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    guest.wait_for_console("guest app started", BOOT_TIMEOUT);
     guest.note_qemus();
     assert_eq!(guest.live_qemus().len(), 1, "one QEMU under oci2uk run");
-    kill(guest.child.id(), "TERM");
+    guest.signal("TERM");
     let st = guest.wait(STOP_TIMEOUT);
-    let start = Instant::now();
-    while !guest.live_qemus().is_empty() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        guest.live_qemus().is_empty(),
+        guest.qemus_gone(Duration::from_secs(10)),
         "oci2uk run ended by SIGTERM ({st}) but its QEMU {:?} still runs",
         guest.live_qemus()
     );

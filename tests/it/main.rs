@@ -2,7 +2,9 @@
 //!
 //! The tests in `registry`, `repro` and `faults` need the loopback test registry and its fixtures
 //! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
-//! `registry-tests` feature, which the README's test command and `.ci/run` enable.
+//! `registry-tests` feature, which the README's test command and `.ci/run` enable. The ones
+//! in `vm`, `guest`, `rootfs` and `push` boot VMs through the harness in `support`; they are
+//! built with `vm-tests`, which `.ci/run` enables too.
 
 mod cli;
 mod conformance;
@@ -19,6 +21,8 @@ mod registry;
 mod repro;
 #[cfg(feature = "vm-tests")]
 mod rootfs;
+#[cfg(feature = "vm-tests")]
+mod support;
 mod util;
 #[cfg(feature = "vm-tests")]
 mod vm;

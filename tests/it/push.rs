@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::Guest;
 use crate::util::*;
-use crate::vm::{nginx_elf, wait_page, Vm};
+use crate::vm::nginx_elf;
 
 /// A repository name no earlier run used.
 fn fresh(name: &str) -> String {
@@ -222,8 +223,8 @@ fn pushed_file_is_an_oci_image_that_runs_by_reference() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
     cmd.env("OCI2UK_CACHE", s.cache())
         .args(["run", &r1, "-p", &format!("127.0.0.1:{port}:80")]);
-    let vm = Vm::start(&mut cmd, s.path().join("console"));
-    let body = wait_page(port, &vm, Duration::from_secs(180));
+    let mut vm = Guest::start(&mut cmd, s.path().join("console"));
+    let body = vm.wait_page(port, "/", Duration::from_secs(180));
     assert_eq!(&body, page);
 }
 
@@ -237,8 +238,8 @@ fn run_builds_an_ordinary_image_first() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
     cmd.env("OCI2UK_CACHE", s.cache())
         .args(["run", &image, "-p", &format!("127.0.0.1:{port}:80")]);
-    let vm = Vm::start(&mut cmd, s.path().join("console"));
-    let body = wait_page(port, &vm, Duration::from_secs(240));
+    let mut vm = Guest::start(&mut cmd, s.path().join("console"));
+    let body = vm.wait_page(port, "/", Duration::from_secs(240));
     assert_eq!(&body, page);
     drop(vm);
     // The build is kept for the next run.

@@ -2,56 +2,10 @@
 //! loop-mounted by the init under a tmpfs overlay, booted under `qemu-system-x86_64` (TCG)
 //! with nothing but `-kernel FILE`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::support::{Boot, Machine};
 use crate::util::*;
-
-/// QEMU, killed when dropped.
-struct Qemu {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Qemu {
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// GETs `path` on the forwarded port until it answers 200 or `timeout` passes; the body.
-fn get(port: u16, path: &str, vm: &Qemu, timeout: Duration) -> String {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-            let mut resp = Vec::new();
-            let _ = s.read_to_end(&mut resp);
-            let resp = String::from_utf8_lossy(&resp).into_owned();
-            if resp.starts_with("HTTP/1.1 200") {
-                return resp
-                    .split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!(
-        "no 200 for {path} after {timeout:?}; console:\n{}",
-        vm.console()
-    );
-}
 
 #[test]
 fn nginx_serves_from_a_squashfs_root_and_writes_through_the_overlay() {
@@ -115,30 +69,15 @@ fn nginx_serves_from_a_squashfs_root_and_writes_through_the_overlay() {
     // Boots at the memory the build recorded.
     let _one = one_vm();
     let port = free_port();
-    let log = s.path().join("console");
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-M", "microvm,isa-serial=on", "-m"])
-        .arg(memory.to_string())
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(s.path().join("work/nginx.elf"))
-        .args([
-            "-netdev",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"),
-            "-device",
-            "virtio-net-device,netdev=n0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let vm = Qemu { child, log };
-    let page = get(port, "/", &vm, Duration::from_secs(180));
+    let mut vm = Boot::new(&s.path().join("work/nginx.elf"), Machine::Microvm, memory)
+        .forward(port, 80)
+        .start(s.path().join("console"));
+    let page = vm.wait_page(port, "/", Duration::from_secs(180));
     assert!(
         page.contains("Hello from the oci2uk nginx fixture."),
         "{page}"
     );
-    let written = get(port, "/written.txt", &vm, Duration::from_secs(10));
+    let written = vm.wait_page(port, "/written.txt", Duration::from_secs(10));
     assert_eq!(written, "written through the overlay\n");
     let console = vm.console();
     assert!(!console.contains("oci2uk: error"), "console:\n{console}");

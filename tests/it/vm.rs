@@ -1,79 +1,15 @@
-//! Real boots: the baked file under `qemu-system-x86_64` (TCG), as a user would start it,
-//! with nothing but `-kernel FILE` (no `-initrd`, no `-append`), and through `oci2uk run`.
+//! Real boots: the baked file under `qemu-system-x86_64` (TCG), as the bundle's script starts
+//! a kernel, with nothing but `-kernel FILE` (no `-initrd`, no `-append`), and through
+//! `oci2uk run`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::support::{Boot, Guest, Machine};
 use crate::util::*;
-
-/// A started VM (or `oci2uk run`), killed when dropped.
-pub(crate) struct Vm {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Vm {
-    pub(crate) fn start(cmd: &mut Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start the VM");
-        Self { child, log }
-    }
-
-    pub(crate) fn console(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        // SIGTERM first: `oci2uk run` then ends its QEMU, which runs in a process group of
-        // its own and would outlive a SIGKILL.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// GETs `/` on the forwarded port until it answers 200 or `timeout` passes.
-pub(crate) fn wait_page(port: u16, vm: &Vm, timeout: Duration) -> String {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
-            let mut resp = Vec::new();
-            let _ = s.read_to_end(&mut resp);
-            let resp = String::from_utf8_lossy(&resp).into_owned();
-            if resp.starts_with("HTTP/1.1 200") {
-                return resp
-                    .split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!("no page after {timeout:?}; console:\n{}", vm.console());
-}
 
 /// The fixture nginx baked once per test run, and its index page as the image holds it.
 pub(crate) fn nginx_elf() -> &'static (PathBuf, String) {
@@ -108,49 +44,26 @@ pub(crate) fn nginx_elf() -> &'static (PathBuf, String) {
     VIEW.get_or_init(|| (path.clone(), page.clone()))
 }
 
-fn qemu(machine: &str, nic: &str, elf: &Path, port: u16) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-M",
-        machine,
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(elf)
-    .args([
-        "-netdev",
-        &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"),
-    ])
-    .args(["-device", &format!("{nic},netdev=n0")]);
-    c
-}
-
-fn serves(machine: &str, nic: &str) {
+fn serves(machine: Machine) {
     let (elf, page) = nginx_elf();
     let _one = one_vm();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::start(
-        &mut qemu(machine, nic, elf, port),
-        dir.path().join("console"),
-    );
-    let body = wait_page(port, &vm, Duration::from_secs(120));
+    let mut vm = Boot::new(elf, machine, 512)
+        .forward(port, 80)
+        .start(dir.path().join("console"));
+    let body = vm.wait_page(port, "/", Duration::from_secs(120));
     assert_eq!(&body, page, "the page is the image's index.html");
 }
 
 #[test]
 fn nginx_serves_on_microvm_with_plain_qemu() {
-    serves("microvm,isa-serial=on", "virtio-net-device");
+    serves(Machine::Microvm);
 }
 
 #[test]
 fn nginx_serves_on_q35_with_plain_qemu() {
-    serves("q35", "virtio-net-pci");
+    serves(Machine::Q35);
 }
 
 #[test]
@@ -159,25 +72,15 @@ fn nginx_serves_through_oci2uk_run() {
     let _one = one_vm();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
-    cmd.arg("run")
-        .arg(elf)
-        .args(["-p", &format!("127.0.0.1:{port}:80")]);
-    let vm = Vm::start(&mut cmd, dir.path().join("console"));
-    let body = wait_page(port, &vm, Duration::from_secs(120));
+    let mut vm = Guest::run(
+        elf,
+        &["-p", &format!("127.0.0.1:{port}:80")],
+        dir.path().join("console"),
+    );
+    let body = vm.wait_page(port, "/", Duration::from_secs(120));
     assert_eq!(&body, page);
     // nginx logs to stdout: the request shows on the console `run` passes through.
-    let start = Instant::now();
-    while !vm.console().contains("\"GET / HTTP/1.0\" 200")
-        && start.elapsed() < Duration::from_secs(20)
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        vm.console().contains("\"GET / HTTP/1.0\" 200"),
-        "console:\n{}",
-        vm.console()
-    );
+    vm.wait_for_console("\"GET / HTTP/1.0\" 200", Duration::from_secs(20));
 }
 
 #[test]

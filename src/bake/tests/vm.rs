@@ -1,6 +1,8 @@
 //! Real boots of a baked kernel under QEMU (software emulation), with no `-initrd` and no
 //! `-append`: the installed distribution kernel, a busybox initramfs whose `/init` prints a
-//! marker with `/proc/cmdline` and powers off. Slow, so run only with `OCI2UK_VM_TESTS=1`.
+//! marker with `/proc/cmdline` and powers off. Slow, so built only with the `vm-tests`
+//! feature; with it, a missing kernel, busybox or QEMU is a failure.
+#![cfg(feature = "vm-tests")]
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::bake::{bake_inner, Placement};
 use crate::kernel::{discover, Kernel};
+use crate::launch::qemu::{self, Accel, Machine, Qemu};
 
 const MARKER: &str = "OCI2UK-BAKE-BOOTED";
 const CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init quiet";
@@ -76,21 +79,19 @@ fn busybox_initramfs() -> Option<Vec<u8>> {
     gz.finish().ok()
 }
 
-/// Boot `elf` on QEMU with `args`; the console output and the time it took, or None on timeout.
-fn boot(elf: &Path, args: &[&str], timeout: Duration) -> (String, Duration, bool) {
+/// Boots `elf` on QEMU (TCG) on `machine`, with `append` added to its command line: the
+/// console output, the time it took, and whether it finished before `timeout`.
+fn boot(
+    elf: &Path,
+    machine: Machine,
+    append: Option<&str>,
+    timeout: Duration,
+) -> (String, Duration, bool) {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nographic",
-            "-no-reboot",
-            "-kernel",
-        ])
-        .arg(elf)
-        .args(args)
+    let mut model = Qemu::new(elf.display().to_string(), 256);
+    model.append = append.map(str::to_string);
+    let mut child = Command::new(qemu::BINARY)
+        .args(model.args(machine, Accel::Tcg))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -122,10 +123,6 @@ fn boot(elf: &Path, args: &[&str], timeout: Duration) -> (String, Duration, bool
 
 #[test]
 fn boots_under_qemu_q35_and_microvm() {
-    if std::env::var("OCI2UK_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipping the QEMU boot test: set OCI2UK_VM_TESTS=1 to run it");
-        return;
-    }
     let chosen = discover(None).expect("a kernel: set OCI2UK_KERNEL or install one");
     let kernel = Kernel::load(&chosen.path).unwrap();
     let initramfs = busybox_initramfs().expect("a static /bin/busybox (busybox-static)");
@@ -153,35 +150,33 @@ fn boots_under_qemu_q35_and_microvm() {
     // Under software emulation microvm gives the kernel no way to learn the TSC's frequency
     // (its ACPI is hardware-reduced, so Linux ignores the PIT; TCG has no kvmclock), and
     // Debian's kernel then hangs calibrating; `tsc_early_khz` tells it. KVM needs no such word.
-    let cases: [(&str, &Path, &[&str], String); 4] = [
-        ("q35", &elf, &["-M", "q35"], CMDLINE.to_string()),
+    let cases: [(&str, &Path, Machine, Option<&str>, String); 4] = [
+        ("q35", &elf, Machine::Q35, None, CMDLINE.to_string()),
         (
             "q35, program headers moved to the end",
             &moved,
-            &["-M", "q35"],
+            Machine::Q35,
+            None,
             CMDLINE.to_string(),
         ),
         (
             "q35 -append",
             &elf,
-            &["-M", "q35", "-append", "foo=bar"],
+            Machine::Q35,
+            Some("foo=bar"),
             format!("{CMDLINE} foo=bar"),
         ),
         (
             "microvm -append",
             &elf,
-            &[
-                "-M",
-                "microvm,isa-serial=on",
-                "-append",
-                "tsc_early_khz=2000000 foo=bar",
-            ],
+            Machine::Microvm,
+            Some("tsc_early_khz=2000000 foo=bar"),
             format!("{CMDLINE} tsc_early_khz=2000000 foo=bar"),
         ),
     ];
     let mut failures = Vec::new();
-    for (name, file, args, expected) in cases {
-        let (out, took, finished) = boot(file, args, Duration::from_secs(240));
+    for (name, file, machine, append, expected) in cases {
+        let (out, took, finished) = boot(file, machine, append, Duration::from_secs(240));
         let want = format!("{MARKER} cmdline=[{expected}]");
         let ok = out.contains(&want);
         eprintln!(
