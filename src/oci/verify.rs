@@ -37,9 +37,9 @@ pub enum VerifyError {
         /// The blob.
         what: String,
         /// The descriptor's digest.
-        expected: Digest,
+        expected: Box<Digest>,
         /// The digest of the content.
-        actual: Digest,
+        actual: Box<Digest>,
     },
     /// A descriptor whose digest algorithm cannot be computed.
     #[error("{what} has a digest whose algorithm is not supported (sha256 and sha512 are)")]
@@ -87,9 +87,9 @@ pub enum VerifyError {
         /// The layer.
         what: String,
         /// The layer's digest.
-        digest: Digest,
+        digest: Box<Digest>,
         /// The DiffID the config gives.
-        diff_id: Digest,
+        diff_id: Box<Digest>,
     },
 }
 
@@ -120,8 +120,8 @@ pub fn digest(d: &Descriptor, actual: Digest, n: u64, what: &str) -> Result<(), 
     if &actual != d.digest() {
         return Err(VerifyError::Digest {
             what: what.to_string(),
-            expected: d.digest().clone(),
-            actual,
+            expected: Box::new(d.digest().clone()),
+            actual: Box::new(actual),
         });
     }
     Ok(())
@@ -149,8 +149,8 @@ pub fn uncompressed_diff_id(
     if digest.algorithm() == diff_id.algorithm() && digest != diff_id {
         return Err(VerifyError::DiffId {
             what: what.to_string(),
-            digest: digest.clone(),
-            diff_id: diff_id.clone(),
+            digest: Box::new(digest.clone()),
+            diff_id: Box::new(diff_id.clone()),
         });
     }
     Ok(())
