@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-use crate::overlay::kernel_params;
-
 /// oci2uk's own directory in the guest; the image's entries there are left out.
 pub const PRIVATE_DIR: &str = "/.oci2uk";
 /// Where the init goes ([`INIT_PARAM`] names it).
@@ -37,6 +35,41 @@ pub const MEMORY_PARAM: &str = "oci2uk.memory";
 /// The kernel parameter that asks the init for each step with its time (`oci2uk.debug=1`;
 /// `0` turns it off).
 pub const DEBUG_PARAM: &str = "oci2uk.debug";
+
+/// Splits a kernel command line into parameters as Linux does (`next_arg`): separated by
+/// spaces, double quotes group, a quoted value loses its quotes; `--` ends the kernel's part.
+pub fn kernel_params(cmdline: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut rest = cmdline.trim_start();
+    while !rest.is_empty() {
+        let mut in_quote = false;
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            if c == '"' {
+                in_quote = !in_quote;
+            } else if c.is_ascii_whitespace() && !in_quote {
+                end = i;
+                break;
+            }
+        }
+        let arg = &rest[..end];
+        rest = rest[end..].trim_start();
+        if arg == "--" {
+            break;
+        }
+        let (key, value) = match arg.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (arg, None),
+        };
+        let key = key.trim_start_matches('"').to_owned();
+        let value = value.map(|v| {
+            let v = v.strip_prefix('"').unwrap_or(v);
+            v.strip_suffix('"').unwrap_or(v).to_owned()
+        });
+        out.push((key.trim_end_matches('"').to_owned(), value));
+    }
+    out
+}
 
 /// The `oci2uk.memory=` word for `mib` MiB.
 pub fn memory_param(mib: u64) -> String {

@@ -25,15 +25,13 @@ pub mod overlay;
 pub mod signal;
 pub mod words;
 
-pub use guest::{StatusLine, CONFIG_PATH, OVERRIDE_PARAM};
+pub use guest::{kernel_params, StatusLine, CONFIG_PATH, OVERRIDE_PARAM};
 pub use model::{
     Addr, Config, Dns, Family, Gateway, Interface, Method, Mount, MountSource, Net, Oci2uk, Rc,
     RunMode, User,
 };
 pub use normalize::normalize;
-pub use overlay::{
-    decode_override, encode_override, find_override, kernel_params, load, merge, parse,
-};
+pub use overlay::{decode_override, encode_override, find_override, load, merge, parse};
 pub use signal::{parse_signal, signal_name};
 pub use words::split_words;
 

@@ -11,7 +11,7 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
 use serde_json::{Map, Value};
 
-use crate::guest::OVERRIDE_PARAM;
+use crate::guest::{kernel_params, OVERRIDE_PARAM};
 use crate::model::Config;
 use crate::normalize::normalize_text;
 use crate::{Error, Result};
@@ -81,41 +81,6 @@ fn set_main_command(config: &mut Value, words: Vec<String>) {
         main.insert("bin".into(), words[0].clone().into());
         main.insert("argv".into(), words[1..].into());
     }
-}
-
-/// Splits a kernel command line into parameters as Linux does (`next_arg`): separated by
-/// spaces, double quotes group, a quoted value loses its quotes; `--` ends the kernel's part.
-pub fn kernel_params(cmdline: &str) -> Vec<(String, Option<String>)> {
-    let mut out = Vec::new();
-    let mut rest = cmdline.trim_start();
-    while !rest.is_empty() {
-        let mut in_quote = false;
-        let mut end = rest.len();
-        for (i, c) in rest.char_indices() {
-            if c == '"' {
-                in_quote = !in_quote;
-            } else if c.is_ascii_whitespace() && !in_quote {
-                end = i;
-                break;
-            }
-        }
-        let arg = &rest[..end];
-        rest = rest[end..].trim_start();
-        if arg == "--" {
-            break;
-        }
-        let (key, value) = match arg.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
-            None => (arg, None),
-        };
-        let key = key.trim_start_matches('"').to_owned();
-        let value = value.map(|v| {
-            let v = v.strip_prefix('"').unwrap_or(v);
-            v.strip_suffix('"').unwrap_or(v).to_owned()
-        });
-        out.push((key.trim_end_matches('"').to_owned(), value));
-    }
-    out
 }
 
 /// The raw value of the last `oci2uk.config=` parameter on a kernel command line.
