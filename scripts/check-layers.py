@@ -31,6 +31,7 @@ STAGES = [
     "progress",
     "host",  # host probes: TSC, KVM, kernel discovery
     "reference",  # what the user names, parsed
+    "input",  # a command's argument: a file on disk or an image reference
     "cache",  # content-addressed blobs and typed records
     "registry",  # the distribution protocol
     "image",  # one resolution walk over every transport
