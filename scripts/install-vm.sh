@@ -9,6 +9,10 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || missing+=(linux-image-cloud-amd64)
 # unsquashfs: an independent reader the SquashFS root's tests check against.
 command -v unsquashfs >/dev/null || missing+=(squashfs-tools)
+# The kernel and bake tests compress with every codec Linux knows and disassemble the stub.
+for tool in readelf:binutils objdump:binutils lzop:lzop lz4:lz4 zstd:zstd xz:xz-utils bzip2:bzip2 cpio:cpio; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-vm.sh: run as root to install: ${missing[*]}" >&2

@@ -224,17 +224,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stub.bin");
         std::fs::write(&path, entry_stub(&params())).unwrap();
-        let out = match std::process::Command::new("objdump")
+        let out = std::process::Command::new("objdump")
             .args(["-D", "-b", "binary", "-m", "i386"])
             .arg(&path)
             .output()
-        {
-            Ok(out) if out.status.success() => out,
-            _ => {
-                eprintln!("skipping: objdump is not installed");
-                return;
-            }
-        };
+            .expect("objdump runs (Debian's binutils; scripts/install-vm.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).unwrap();
         let insns: Vec<String> = text
             .lines()

@@ -82,7 +82,11 @@ pub fn qemu_model(opts: &RunOptions) -> qemu::Qemu {
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
         let over = serde_json::json!({ "env": env });
-        format!("oci2uk.config={}", oci2uk_config::encode_override(&over))
+        format!(
+            "{}={}",
+            oci2uk_config::guest::OVERRIDE_PARAM,
+            oci2uk_config::encode_override(&over)
+        )
     });
     qemu::Qemu {
         kernel: opts.file.display().to_string(),
