@@ -12,6 +12,8 @@ testregistry/up.sh
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 
 cargo fmt --all -- --check
+# Modules import one way: no cycle between siblings, no import from a stage above.
+scripts/check-layers.py
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # --all-features builds the registry and VM tests, the library's own VM checks (bake, rootfs,
 # bundle) among them: none of them skips, so a missing kernel, busybox or QEMU fails the run.
