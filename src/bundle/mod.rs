@@ -171,6 +171,7 @@ pub fn qemu_script(parts: &BundleParts<'_>) -> String {
         console: qemu::Console::Terminal,
         rtc: false,
         tsc_khz: Some(qemu::TSC_HINT_KHZ),
+        monitor: None,
     };
     q.script(&safe_name(&parts.name), CMDLINE)
 }

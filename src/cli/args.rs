@@ -33,6 +33,11 @@ pub enum Command {
     Build(Box<BuildArgs>),
     /// Boot a baked file, a pushed unikernel or an image on QEMU: console on stdout, the
     /// application's exit status as ours.
+    ///
+    /// ctrl-C, SIGTERM and SIGHUP stop it as `docker stop` does: the application gets the
+    /// image's stop signal and its exit status is run's; after --stop-timeout it is killed
+    /// (137). QEMU ends with run, however run ends. Status 125: oci2uk or the VM failed (a busy
+    /// host port, no QEMU) before the application reported one.
     Run(RunArgs),
     /// Push a baked file or a bundle directory to a registry as an OCI image.
     Push(PushArgs),
@@ -117,6 +122,12 @@ pub struct RunArgs {
     /// Set an environment variable of the application (K=V), without rebuilding. Repeatable.
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+
+    /// Seconds the application has to stop after ctrl-C, SIGTERM or SIGHUP, which press the
+    /// guest's power button (the init sends the image's stop signal). Then the application
+    /// is killed and run exits 137; a second ctrl-C stops the VM at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = oci2uk::run::DEFAULT_STOP_TIMEOUT_SECS)]
+    pub stop_timeout: u32,
 
     /// Acceleration: `auto` uses KVM only where it can run guests.
     #[arg(long, value_enum, default_value = "auto")]

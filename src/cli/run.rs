@@ -1,5 +1,7 @@
 //! `oci2uk run`: boot a baked file, a pushed unikernel or an image on QEMU.
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 
 use oci2uk::build::{self, Bootable};
@@ -36,6 +38,9 @@ pub async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
         env,
         accel: args.accel.into(),
         qemu: run::default_qemu(),
+        stop_timeout: std::time::Duration::from_secs(args.stop_timeout.into()),
+        // A terminal wants the guest's CRLF; a file or a pipe gets plain lines.
+        keep_crlf: std::io::stdout().is_terminal(),
     };
     let status = run::run(&opts, tokio::io::stdout()).await?;
     Ok(status.exit_code())

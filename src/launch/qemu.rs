@@ -27,6 +27,14 @@ const CPU: &str = "max";
 /// The network device's id, which the NIC names.
 const NETDEV_ID: &str = "net0";
 
+/// The monitor socket's character device id.
+const MONITOR_ID: &str = "qmp";
+
+/// A value inside QEMU's `key=value,...` options: a comma is written twice.
+fn escape_option(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 /// How QEMU runs the guest's instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -102,7 +110,7 @@ impl Machine {
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Console {
-    /// QEMU's stdout, and nothing else on it: no monitor, no default devices, no user
+    /// QEMU's stdout, and nothing else on it: no monitor there, no default devices, no user
     /// configuration (`run` reads the console for the status line).
     Stdio,
     /// The terminal, with QEMU's monitor behind Ctrl-A (`-nographic`).
@@ -147,6 +155,9 @@ pub struct Qemu {
     /// The TSC frequency to tell a microvm guest under emulation, for a command line that
     /// does not carry one (a baked file carries the one measured at build time).
     pub tsc_khz: Option<u64>,
+    /// A unix socket QEMU connects to at start and serves its machine protocol (QMP) on:
+    /// how `run` presses the guest's power button.
+    pub monitor: Option<String>,
 }
 
 impl Qemu {
@@ -162,6 +173,7 @@ impl Qemu {
             console: Console::Terminal,
             rtc: false,
             tsc_khz: None,
+            monitor: None,
         }
     }
 
@@ -223,6 +235,16 @@ impl Qemu {
             format!("{},netdev={NETDEV_ID}", machine.nic()),
         ]);
         args.extend(self.console.args().iter().map(|a| a.to_string()));
+        if let Some(path) = &self.monitor {
+            // A client socket: the listener is up before QEMU starts, so there is no moment
+            // when a stop request finds nothing to connect to.
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id={MONITOR_ID},path={}", escape_option(path)),
+                "-mon".into(),
+                format!("chardev={MONITOR_ID},mode=control"),
+            ]);
+        }
         args.push("-no-reboot".into());
         args
     }
@@ -359,6 +381,7 @@ mod tests {
             console: Console::Terminal,
             rtc: false,
             tsc_khz: Some(TSC_HINT_KHZ),
+            monitor: None,
         }
     }
 
@@ -427,6 +450,7 @@ mod tests {
             console: Console::Stdio,
             rtc: true,
             tsc_khz: None,
+            monitor: None,
         };
         let args = q.args(Machine::Microvm, Accel::Tcg).join(" ");
         assert_eq!(
@@ -435,6 +459,18 @@ mod tests {
              -kernel nginx.elf -netdev user,id=net0,hostfwd=tcp::8080-:80 \
              -device virtio-net-device,netdev=net0 -nodefaults -no-user-config -display none \
              -serial stdio -no-reboot"
+        );
+        let q = Qemu {
+            monitor: Some("/tmp/a,b/qmp.sock".into()),
+            ..q
+        };
+        let args = q.args(Machine::Microvm, Accel::Tcg).join(" ");
+        assert!(
+            args.ends_with(
+                "-serial stdio -chardev socket,id=qmp,path=/tmp/a,,b/qmp.sock \
+                 -mon chardev=qmp,mode=control -no-reboot"
+            ),
+            "{args}"
         );
     }
 }

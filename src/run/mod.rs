@@ -5,6 +5,11 @@
 //! signal N`, before it powers the VM off; that line is how the status crosses the VM
 //! boundary. Anything else that ends the VM is a failure of the VM (status 125, as docker uses
 //! for failures of its own).
+//!
+//! A stop request (SIGINT, SIGTERM, SIGHUP) reaches the guest as its ACPI power button,
+//! pressed through QEMU's monitor (`monitor.rs`); the init turns it into the image's stop
+//! signal, so the application ends as it would under `docker stop`, and its status line comes
+//! out as usual.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +21,9 @@ use tokio::process::Command;
 pub use crate::launch::ports::PortForward;
 use crate::launch::qemu;
 pub use crate::launch::qemu::kvm_usable;
+use monitor::{Monitor, Request};
+
+mod monitor;
 
 /// Exit status when the VM failed before the application reported one.
 pub const EXIT_VM_FAILED: u8 = 125;
@@ -46,7 +54,15 @@ pub struct RunOptions {
     pub accel: Accel,
     /// The QEMU binary.
     pub qemu: PathBuf,
+    /// How long the application has to stop after a stop request (docker's `--stop-timeout`).
+    pub stop_timeout: Duration,
+    /// Whether the console keeps the guest's CRLF line ends (for a terminal); otherwise each
+    /// line ends in a plain LF, as a file or a pipe expects.
+    pub keep_crlf: bool,
 }
+
+/// The stop timeout in seconds when none is given: docker's.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 10;
 
 /// Errors of `run`.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +79,18 @@ pub enum RunError {
     /// KVM was asked for but cannot run guests here.
     #[error("--accel kvm: {0}")]
     NoKvm(String),
+    /// A forwarded host port is taken.
+    #[error("host port {0} is already in use")]
+    PortBusy(String),
+    /// A forwarded host port cannot be listened on.
+    #[error("cannot listen on host port {addr}")]
+    Port {
+        /// The address and port.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VM ended without the application's status line.
     #[error("the VM stopped before the application reported an exit status ({0})")]
     NoStatus(String),
@@ -72,22 +100,27 @@ pub enum RunError {
 }
 
 /// The QEMU model of a run: the baked file on microvm (the quickest boot; the file carries
-/// its TSC frequency for emulation), its console on stdout for the status line, and the
-/// wall clock under KVM too.
-pub fn qemu_model(opts: &RunOptions) -> qemu::Qemu {
-    let append = (!opts.env.is_empty()).then(|| {
+/// its TSC frequency for emulation), its console on stdout for the status line, the wall
+/// clock under KVM too, and the monitor on `monitor` when given. The override tells the
+/// guest `-e` and the stop timeout: its init kills the application when the timeout passes,
+/// then syncs and powers off, so what the application wrote reaches its disks even then.
+pub fn qemu_model(opts: &RunOptions, monitor: Option<&Path>) -> qemu::Qemu {
+    let mut over = serde_json::json!({
+        "oci2uk": { "stop_timeout": opts.stop_timeout.as_secs() }
+    });
+    if !opts.env.is_empty() {
         let env: serde_json::Map<String, serde_json::Value> = opts
             .env
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        let over = serde_json::json!({ "env": env });
-        format!(
-            "{}={}",
-            oci2uk_config::guest::OVERRIDE_PARAM,
-            oci2uk_config::encode_override(&over)
-        )
-    });
+        over["env"] = serde_json::Value::Object(env);
+    }
+    let append = Some(format!(
+        "{}={}",
+        oci2uk_config::guest::OVERRIDE_PARAM,
+        oci2uk_config::encode_override(&over)
+    ));
     qemu::Qemu {
         kernel: opts.file.display().to_string(),
         initrd: None,
@@ -98,25 +131,29 @@ pub fn qemu_model(opts: &RunOptions) -> qemu::Qemu {
         console: qemu::Console::Stdio,
         rtc: true,
         tsc_khz: None,
+        monitor: monitor.map(|p| p.display().to_string()),
     }
 }
 
 /// The QEMU arguments for a run (without the binary).
-pub fn qemu_args(opts: &RunOptions, accel: Accel) -> Vec<String> {
+pub fn qemu_args(opts: &RunOptions, accel: Accel, monitor: Option<&Path>) -> Vec<String> {
     let accel = match accel {
         Accel::Kvm => qemu::Accel::Kvm,
         Accel::Auto | Accel::Tcg => qemu::Accel::Tcg,
     };
-    qemu_model(opts).args(qemu::Machine::Microvm, accel)
+    qemu_model(opts, monitor).args(qemu::Machine::Microvm, accel)
 }
 
-/// What the guest's last line said.
+/// How the application ended: what the guest's last line said, or a hard stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestStatus {
     /// `oci2uk: exit status N`.
     Exited(i32),
     /// `oci2uk: killed by signal N`.
     Signalled(i32),
+    /// No status line: the VM was killed after a stop request, when its timeout passed or
+    /// at a second request. 137, as for an application killed by SIGKILL.
+    Stopped,
 }
 
 impl GuestStatus {
@@ -133,11 +170,132 @@ impl GuestStatus {
         match self {
             Self::Exited(n) => (n & 0xff) as u8,
             Self::Signalled(n) => (128 + n).clamp(0, 255) as u8,
+            Self::Stopped => 128 + 9,
         }
     }
 }
 
+/// How QEMU's lifetime is tied to run's: `setpriv --pdeathsig KILL` (util-linux, which
+/// Debian marks essential, so every Debian 12 has it) sets the parent-death signal and then
+/// executes QEMU, which keeps it. The kernel sends it when `run` ends by any means, SIGKILL
+/// included. The library forbids `unsafe`, which a `prctl` in `pre_exec` would need; a pipe
+/// that QEMU watches does not exist (its stdio console does not end on a closed pipe). The
+/// signal follows the thread that started the child: `run` starts QEMU from the thread it
+/// is awaited on, the runtime's main or a worker thread, which last as long as the process.
+const PDEATHSIG: [&str; 3] = ["setpriv", "--pdeathsig", "KILL"];
+
+/// How often the power button is pressed again while the guest has not stopped: a press
+/// before the init watches the button (early in the boot) is not heard.
+const PRESS_AGAIN: Duration = Duration::from_secs(1);
+
+/// What the guest gets after its stop timeout to end the application, sync and power off,
+/// before QEMU is killed.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The stop signals `run` turns into a shutdown request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+    Hangup,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+            StopSignal::Hangup => "SIGHUP",
+        }
+    }
+}
+
+/// The program and arguments that start QEMU: behind [`PDEATHSIG`] when `setpriv` is on
+/// PATH, QEMU itself otherwise (it could then outlive a `run` that is killed).
+fn qemu_process(qemu: &Path, args: Vec<String>) -> Result<Command, RunError> {
+    let qemu = find_program(qemu).ok_or_else(|| RunError::Spawn {
+        qemu: qemu.display().to_string(),
+        source: std::io::ErrorKind::NotFound.into(),
+    })?;
+    let mut cmd = match find_program(Path::new(PDEATHSIG[0])) {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(&PDEATHSIG[1..]).arg("--").arg(&qemu);
+            c
+        }
+        None => {
+            tracing::warn!("setpriv is not installed: QEMU will outlive oci2uk if it is killed");
+            Command::new(&qemu)
+        }
+    };
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// `program` as a path to an executable file: itself when it names a directory, else the
+/// first match on PATH.
+fn find_program(program: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        return executable(program).then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
+}
+
+/// Checks that every forwarded host port can be listened on, so that a busy port is one
+/// clear error before QEMU starts rather than QEMU's own message after. The sockets are
+/// closed again at once for QEMU to open.
+fn check_ports(forwards: &[PortForward]) -> Result<(), RunError> {
+    use std::net::{IpAddr, Ipv4Addr, TcpListener, UdpSocket};
+    for f in forwards {
+        // QEMU listens on every address when the forward names none.
+        let ip = match f.host_ip.as_deref() {
+            None | Some("") => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Some(ip) => match ip.parse() {
+                Ok(ip) => ip,
+                Err(_) => continue,
+            },
+        };
+        let bound = match f.guest.proto {
+            crate::launch::ports::Proto::Tcp => TcpListener::bind((ip, f.host)).map(drop),
+            crate::launch::ports::Proto::Udp => UdpSocket::bind((ip, f.host)).map(drop),
+        };
+        if let Err(source) = bound {
+            let addr = match f.host_ip.as_deref() {
+                None | Some("") => format!("{}/{}", f.host, f.guest.proto),
+                Some(ip) => format!("{ip}:{}/{}", f.host, f.guest.proto),
+            };
+            return Err(if source.kind() == std::io::ErrorKind::AddrInUse {
+                RunError::PortBusy(addr)
+            } else {
+                RunError::Port { addr, source }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Turns the CRLF that the guest's serial console ends a line with into LF. A CR the
+/// application wrote itself stays: only the one the terminal driver added goes.
+fn plain_line_end(line: &mut Vec<u8>) {
+    if line.ends_with(b"\r\n") {
+        line.remove(line.len() - 2);
+    }
+}
+
 /// Boots the file and returns the application's status. The console goes to `out`.
+///
+/// SIGINT, SIGTERM and SIGHUP ask the guest to stop: its ACPI power button is pressed through
+/// QEMU's monitor, the init sends the application its stop signal, and the application's
+/// status is returned as usual. The guest has [`RunOptions::stop_timeout`] to end (its init
+/// kills the application then) and a little more to power off; after that, or at a second
+/// signal, QEMU is killed and the status is [`GuestStatus::Stopped`].
 pub async fn run(
     opts: &RunOptions,
     mut out: impl tokio::io::AsyncWrite + Unpin,
@@ -156,9 +314,15 @@ pub async fn run(
             }
         },
     };
-    let mut cmd = Command::new(&opts.qemu);
-    cmd.args(qemu_args(opts, accel))
-        .stdin(Stdio::null())
+    check_ports(&opts.ports)?;
+    // Caught from here on: a signal between QEMU's start and the loop below is not lost.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let monitor = Monitor::bind()?;
+    let mut cmd = qemu_process(&opts.qemu, qemu_args(opts, accel, Some(monitor.path())))?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -179,45 +343,72 @@ pub async fn run(
     let mut lines = BufReader::new(stdout);
     let mut status = None;
     let mut line = Vec::new();
-    let mut interrupted = false;
-    // QEMU runs in its own process group, so a SIGTERM or SIGHUP for oci2uk must end it here.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    // When the stop was asked for, and whether QEMU was killed.
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut killed = false;
+    let deadline = opts.stop_timeout + HARD_STOP_GRACE;
+    let mut press = tokio::time::interval(PRESS_AGAIN);
     loop {
         line.clear();
-        tokio::select! {
+        let stop_signal = tokio::select! {
             n = lines.read_until(b'\n', &mut line) => {
                 if n? == 0 {
                     break;
+                }
+                if !opts.keep_crlf {
+                    plain_line_end(&mut line);
                 }
                 out.write_all(&line).await?;
                 out.flush().await?;
                 if let Some(s) = GuestStatus::parse(&String::from_utf8_lossy(&line)) {
                     status = Some(s);
                 }
+                None
             }
-            _ = term.recv(), if !interrupted => {
-                interrupted = true;
+            _ = int.recv() => Some(StopSignal::Interrupt),
+            _ = term.recv() => Some(StopSignal::Terminate),
+            _ = hup.recv() => Some(StopSignal::Hangup),
+            _ = press.tick(), if stopping.is_some() && !killed => {
+                monitor.send(Request::Powerdown);
+                None
+            }
+            _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now) + deadline),
+                if stopping.is_some() && !killed =>
+            {
+                eprintln!(
+                    "oci2uk: the guest did not stop within {} s: stopping the VM",
+                    deadline.as_secs()
+                );
+                killed = true;
+                let _ = child.start_kill();
+                None
+            }
+        };
+        match (stop_signal, stopping) {
+            (None, _) => {}
+            (Some(sig), None) => {
+                eprintln!(
+                    "oci2uk: {}: asking the guest to stop (within {} s; again to stop the VM at once)",
+                    sig.name(),
+                    opts.stop_timeout.as_secs()
+                );
+                stopping = Some(tokio::time::Instant::now());
+                monitor.send(Request::Powerdown);
+                press.reset();
+            }
+            (Some(sig), Some(_)) if !killed => {
+                eprintln!("oci2uk: {}: stopping the VM", sig.name());
+                killed = true;
                 let _ = child.start_kill();
             }
-            _ = hup.recv(), if !interrupted => {
-                interrupted = true;
-                let _ = child.start_kill();
-            }
-            _ = tokio::signal::ctrl_c(), if !interrupted => {
-                // The guest has no way to hear a shutdown request from here without a
-                // monitor socket; ending QEMU is what a user who presses ctrl-C expects.
-                interrupted = true;
-                let _ = child.start_kill();
-            }
+            (Some(_), Some(_)) => {}
         }
     }
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     let stderr = stderr_task.await.unwrap_or_default();
     match status {
         Some(s) => Ok(s),
-        None if interrupted => Err(RunError::NoStatus("interrupted".into())),
+        None if killed => Ok(GuestStatus::Stopped),
         None => {
             let why = match exit {
                 Ok(Ok(st)) => {
@@ -274,20 +465,86 @@ mod tests {
         assert_eq!(GuestStatus::Exited(7).exit_code(), 7);
     }
 
-    #[test]
-    fn qemu_command() {
-        let opts = RunOptions {
+    fn options() -> RunOptions {
+        RunOptions {
             file: "nginx.elf".into(),
             ports: vec!["8080:80".parse().unwrap()],
             memory_mib: 320,
             env: vec![("A".into(), "b c".into())],
             accel: Accel::Tcg,
             qemu: "qemu-system-x86_64".into(),
-        };
-        let args = qemu_args(&opts, Accel::Tcg).join(" ");
-        assert!(args.contains("-m 320"), "{args}");
-        assert!(args.contains("hostfwd=tcp::8080-:80"), "{args}");
-        assert!(args.contains("-kernel nginx.elf"), "{args}");
-        assert!(args.contains("-append oci2uk.config="), "{args}");
+            stop_timeout: Duration::from_secs(3),
+            keep_crlf: false,
+        }
+    }
+
+    #[test]
+    fn qemu_command() {
+        let opts = options();
+        let args = qemu_args(&opts, Accel::Tcg, Some(Path::new("/run/q.sock")));
+        let joined = args.join(" ");
+        assert!(joined.contains("-m 320"), "{joined}");
+        assert!(joined.contains("hostfwd=tcp::8080-:80"), "{joined}");
+        assert!(joined.contains("-kernel nginx.elf"), "{joined}");
+        assert!(
+            joined
+                .contains("-chardev socket,id=qmp,path=/run/q.sock -mon chardev=qmp,mode=control"),
+            "{joined}"
+        );
+        // The override carries `-e` and the stop timeout to the guest's init.
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        let value = oci2uk_config::find_override(append).unwrap();
+        let over: serde_json::Value =
+            serde_json::from_str(&oci2uk_config::decode_override(&value).unwrap()).unwrap();
+        assert_eq!(
+            over,
+            serde_json::json!({"env": {"A": "b c"}, "oci2uk": {"stop_timeout": 3}})
+        );
+    }
+
+    #[test]
+    fn line_ends() {
+        let mut line = b"ready\r\n".to_vec();
+        plain_line_end(&mut line);
+        assert_eq!(line, b"ready\n");
+        let mut line = b"own cr\r\r\n".to_vec();
+        plain_line_end(&mut line);
+        assert_eq!(line, b"own cr\r\n");
+        let mut line = b"no end".to_vec();
+        plain_line_end(&mut line);
+        assert_eq!(line, b"no end");
+    }
+
+    #[test]
+    fn a_busy_port_is_named() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let forwards: Vec<PortForward> = vec![format!("127.0.0.1:{port}:80").parse().unwrap()];
+        let err = check_ports(&forwards).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("host port 127.0.0.1:{port}/tcp is already in use")
+        );
+        // On every address, as QEMU listens without one.
+        let forwards: Vec<PortForward> = vec![format!("{port}:80").parse().unwrap()];
+        let err = check_ports(&forwards).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("host port {port}/tcp is already in use")
+        );
+        // The same number for UDP is another port; a free one passes.
+        let forwards: Vec<PortForward> = vec![format!("127.0.0.1:{port}:80/udp").parse().unwrap()];
+        check_ports(&forwards).unwrap();
+        drop(taken);
+        let forwards: Vec<PortForward> = vec![format!("127.0.0.1:{port}:80").parse().unwrap()];
+        check_ports(&forwards).unwrap();
+    }
+
+    #[test]
+    fn programs_are_found_on_path() {
+        assert!(find_program(Path::new("sh")).is_some());
+        assert!(find_program(Path::new("/bin/sh")).is_some());
+        assert!(find_program(Path::new("no-such-program-here")).is_none());
+        assert!(find_program(Path::new("/etc/passwd")).is_none());
     }
 }

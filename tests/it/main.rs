@@ -3,8 +3,8 @@
 //! The tests in `registry`, `repro` and `faults` need the loopback test registry and its fixtures
 //! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
 //! `registry-tests` feature, which the README's test command and `.ci/run` enable. The ones
-//! in `vm`, `guest`, `rootfs` and `push` boot VMs through the harness in `support`; they are
-//! built with `vm-tests`, which `.ci/run` enables too.
+//! in `vm`, `guest`, `rootfs`, `stop` and `push` boot VMs through the harness in `support`;
+//! they are built with `vm-tests`, which `.ci/run` enables too.
 
 mod cli;
 mod conformance;
@@ -21,6 +21,8 @@ mod registry;
 mod repro;
 #[cfg(feature = "vm-tests")]
 mod rootfs;
+#[cfg(feature = "vm-tests")]
+mod stop;
 #[cfg(feature = "vm-tests")]
 mod support;
 mod util;
