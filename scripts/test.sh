@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Runs every check the project has: formatting, lints, unit tests, the integration tests
 # against the loopback test registry (started here if it is not up) and the VM tests
-# (qemu-system-x86_64 under TCG with Debian's cloud kernel).
+# (qemu-system-x86_64 under TCG with Debian's cloud kernel), and the Xen tests against a Xen
+# test host (testxen/) booted under QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 testregistry/install.sh
 scripts/install-vm.sh
+# The Xen test host is built (cached after the first time) and booted in the background while
+# the registry's fixtures and the code build; the Xen tests find it through OCI2UK_XEN_DIR.
+xen_dir=$(mktemp -d /tmp/oci2uk-xen.XXXXXX)
+(testxen/build.sh build >/dev/null && testxen/up.sh "$xen_dir") >"$xen_dir.log" 2>&1 &
+xen_boot=$!
+trap 'testxen/down.sh "$xen_dir" >/dev/null 2>&1 || true; rm -rf "$xen_dir" "$xen_dir.log"' EXIT
 testregistry/up.sh
 # shellcheck disable=SC1091
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
@@ -17,6 +24,15 @@ scripts/check-layers.py
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # --all-features builds the registry and VM tests, the library's own VM checks (bake, rootfs,
 # bundle) among them: none of them skips, so a missing kernel, busybox or QEMU fails the run.
+cargo test --workspace --all-features --no-run
+if ! wait "$xen_boot"; then
+    echo "test.sh: the Xen test host did not come up:" >&2
+    cat "$xen_dir.log" >&2
+    exit 1
+fi
+echo "test.sh: Xen test host ready in $(tail -1 "$xen_dir.log") s"
+export OCI2UK_XEN_DIR=$xen_dir
 cargo test --workspace --all-features
+testxen/down.sh "$xen_dir"
 # A short run of every fuzz target on its corpus (installs nightly and cargo-fuzz if needed).
 scripts/fuzz.sh 30
