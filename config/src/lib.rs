@@ -187,6 +187,7 @@ mod doc_tests {
                    {"bin": "main"}],
             "env": {"A": "1"},
             "hostname": "h",
+            "sysctl": {"vm.overcommit_memory": "1"},
             "net": {
                 "interfaces": {"eth0": {"addrs": [{"type": "inet", "method": "static", "addr": "10.0.0.2/24"}], "mtu": 1400}},
                 "gateways": [{"type": "inet", "addr": "10.0.0.1"}],

@@ -33,6 +33,10 @@ pub struct Config {
     /// File systems to mount, by mount point.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mount: BTreeMap<String, Mount>,
+    /// Kernel parameters to set before the application starts (docker's `--sysctl`), by
+    /// dotted name: `vm.overcommit_memory` is written to `/proc/sys/vm/overcommit_memory`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctl: BTreeMap<String, String>,
     /// What rumprun has no word for.
     #[serde(default, skip_serializing_if = "Oci2uk::is_empty")]
     pub oci2uk: Oci2uk,
@@ -435,6 +439,12 @@ impl Config {
                 }
             }
         }
+        for (k, v) in &self.sysctl {
+            if let Err(why) = check_sysctl_key(k) {
+                return Err(Error::invalid(format!("sysctl.{k}"), why));
+            }
+            no_nul(&format!("sysctl.{k}"), v)?;
+        }
         if self.oci2uk.stop_signal_number().is_none() {
             return Err(Error::invalid(
                 "oci2uk.stop_signal",
@@ -512,6 +522,30 @@ impl Net {
         }
         Ok(())
     }
+}
+
+/// Checks a sysctl name as `--sysctl` and the `sysctl` object take it: dotted components
+/// (`net.ipv4.ip_forward`) that stay inside `/proc/sys` once the dots become slashes, so no
+/// `/`, no empty component (which `..` would make) and no blank, `=` or NUL.
+pub fn check_sysctl_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("the name is empty");
+    }
+    if key.contains('/') {
+        return Err("the name cannot contain '/' (write it with dots: net.ipv4.ip_forward)");
+    }
+    if key.split('.').any(str::is_empty) {
+        return Err("the name has an empty component (a leading, trailing or doubled '.')");
+    }
+    if key.contains(|c: char| c.is_whitespace() || c.is_control() || c == '=') {
+        return Err("the name cannot contain blanks, control characters or '='");
+    }
+    Ok(())
+}
+
+/// The file under `/proc/sys` that a checked sysctl name is written to (its dots as slashes).
+pub fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
 }
 
 fn family_name(f: Family) -> &'static str {
@@ -616,6 +650,9 @@ mod tests {
                 "oci2uk.stop_signal",
             ),
             (json!({"hostname": "a b"}), "hostname"),
+            (json!({"sysctl": {"vm..x": "1"}}), "sysctl.vm..x"),
+            (json!({"sysctl": {"../x": "1"}}), "sysctl.../x"),
+            (json!({"sysctl": {"vm.x": "a\0"}}), "sysctl.vm.x"),
         ];
         for (v, want) in cases {
             match Config::from_value(v.clone()) {
@@ -623,6 +660,58 @@ mod tests {
                 other => panic!("{v}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn sysctl_names() {
+        for good in [
+            "vm.overcommit_memory",
+            "net.ipv4.conf.eth0-1.forwarding",
+            "kernel.shmmax",
+        ] {
+            assert_eq!(check_sysctl_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "vm/overcommit",
+            "..",
+            "vm..x",
+            ".vm",
+            "vm.",
+            "a b",
+            "a=b",
+            "a\0b",
+        ] {
+            assert!(check_sysctl_key(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            sysctl_path("vm.overcommit_memory"),
+            "/proc/sys/vm/overcommit_memory"
+        );
+        let c = Config::from_value(json!({"sysctl": {"vm.overcommit_memory": "1"}})).unwrap();
+        assert_eq!(c.sysctl["vm.overcommit_memory"], "1");
+        assert!(c.to_json().contains("\"sysctl\""));
+    }
+
+    #[test]
+    fn a_sysctl_override_merges_key_by_key() {
+        let baked = r#"{"rc": [{"bin": "a"}], "sysctl": {"vm.overcommit_memory": "1", "kernel.shmmax": "9"}}"#;
+        let over = r#"{"sysctl": {"vm.overcommit_memory": "2", "net.core.somaxconn": "1024", "kernel.shmmax": null}}"#;
+        let c = crate::load(baked, Some(over)).unwrap();
+        let got: Vec<(&str, &str)> = c
+            .sysctl
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("net.core.somaxconn", "1024"),
+                ("vm.overcommit_memory", "2")
+            ]
+        );
+        let e = crate::load(baked, Some(r#"{"sysctl": {"a/b": "1"}}"#)).unwrap_err();
+        assert!(e.to_string().contains("sysctl.a/b"), "{e}");
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub(crate) fn normalize_text(text: &str, is_override: bool) -> Result<Normalized
                 }
             }
             "env" => env_entries(env.get_or_insert_with(Map::new), value)?,
-            "hostname" => {
+            "hostname" | "sysctl" => {
                 out.insert(key, value);
             }
             "net" => match value {

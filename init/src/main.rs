@@ -21,6 +21,7 @@ mod modules;
 mod net;
 mod root;
 mod sys;
+mod sysctl;
 
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ fn main() {
             StatusLine::Exited(e.status).format()
         }
     };
+    sysctl::at_end();
     app::power_off(Some(status))
 }
 
@@ -148,6 +150,7 @@ fn boot() -> Result<sys::Exit, Error> {
     fs::write_etc(&hostname, net.addr.as_deref(), &net.dns, &net.search);
     step(|| "network and /etc done".into());
 
+    sysctl::apply(&config.sysctl);
     raise_nofile();
     app::run(&config, &mut sup)
 }

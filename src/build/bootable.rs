@@ -94,10 +94,10 @@ pub async fn bootable(
     }
     let pinned = Source::Registry(r.with_digest(remote.resolved.digest.as_ref()));
     let outcome = build(&request(pinned, out.clone()), cache, progress).await?;
+    // The source is pinned by its manifest digest already.
     eprintln!(
-        "oci2uk: built {}@{} with kernel {}",
+        "oci2uk: built {} with kernel {}",
         outcome.source,
-        outcome.manifest_digest,
         chosen.path.display()
     );
     Ok(Bootable::file(out))

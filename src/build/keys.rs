@@ -76,6 +76,7 @@ pub(super) fn rootfs_key(cache: &Cache, i: &RootfsInputs<'_>) -> Option<String> 
     line("user", &o.user);
     line("net", &o.net);
     line("hostname", &o.hostname);
+    line("sysctl", &o.sysctl);
     Some(sha256_hex(k.as_bytes()))
 }
 

@@ -96,9 +96,12 @@ pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_net", 
 
 /// The command line baked into every file, before `oci2uk.memory=` is added: a serial console,
 /// reboot on panic (with `-no-reboot`, QEMU exits), the tree unpacked into ramfs (no size cap),
-/// and the init at its private path.
+/// the init at its private path, and a kernel that prints only emergencies (a panic, whose
+/// report raises the level itself): `quiet` alone still lets errors through, such as
+/// microvm's `PCI: Fatal: No config space access function found`. A `loglevel=` appended
+/// at boot wins (`oci2uk run --debug` appends `loglevel=7`).
 pub const BAKED_CMDLINE: &str =
-    "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet";
+    "console=ttyS0 panic=-1 rootfstype=ramfs rdinit=/.oci2uk/init quiet loglevel=1";
 
 /// What [`BAKED_CMDLINE`]'s `rootfstype=` unpacks the initramfs into, which the guest memory
 /// estimate depends on.
@@ -121,9 +124,13 @@ pub struct BuildOutcome {
     pub manifest_digest: String,
     /// The config digest of the source image.
     pub config_digest: String,
-    /// The kernel used, for the baked formats.
+    /// The kernel file used, for the baked formats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    /// Why that kernel: `flag` (`--kernel`), `env` (`$OCI2UK_KERNEL`) or `installed` (the
+    /// newest installed kernel whose modules are present).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_choice: Option<&'static str>,
     /// The kernel's release.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_version: Option<String>,
@@ -279,7 +286,12 @@ pub async fn build(
         source: img.source,
         manifest_digest: img.manifest_digest.to_string(),
         config_digest: img.config_digest.to_string(),
-        kernel: chosen.map(|c| c.to_string()),
+        kernel: chosen.as_ref().map(|c| c.path.display().to_string()),
+        kernel_choice: chosen.as_ref().map(|c| match c.choice {
+            kernel::Choice::Flag => "flag",
+            kernel::Choice::Env => "env",
+            kernel::Choice::Installed => "installed",
+        }),
         kernel_version: kernel.as_ref().map(|l| l.kernel.version.clone()),
         memory_mib: written.memory_mib,
     })

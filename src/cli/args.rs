@@ -115,13 +115,29 @@ pub struct RunArgs {
     pub publish: Vec<oci2uk::run::PortForward>,
 
     /// Guest memory: MiB, or a size with a suffix (512, 512M, 1G). Default: what the image
-    /// needs, recorded in the file at build time.
+    /// needs (recorded in the file at build time) plus 256 MiB for the application's work,
+    /// and at least 512 MiB.
     #[arg(short, long, value_name = "MEM")]
     pub memory: Option<String>,
 
     /// Set an environment variable of the application (K=V), without rebuilding. Repeatable.
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+
+    /// Set a kernel parameter before the application starts (vm.overcommit_memory=1), over
+    /// those recorded at build time. Repeatable.
+    #[arg(long, value_name = "K=V", value_parser = parse_sysctl)]
+    pub sysctl: Vec<(String, String)>,
+
+    /// Show the kernel's messages and each step of the guest's init on the console (appends
+    /// `loglevel=7 oci2uk.debug=1` to the kernel command line).
+    #[arg(long)]
+    pub debug: bool,
+
+    /// No messages of oci2uk's own but errors and the stop requests (the console is
+    /// unchanged).
+    #[arg(short, long)]
+    pub quiet: bool,
 
     /// Seconds the application has to stop after ctrl-C, SIGTERM or SIGHUP, which press the
     /// guest's power button (the init sends the image's stop signal). Then the application
@@ -266,6 +282,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
 
+    /// Set a kernel parameter before the application starts, as docker's --sysctl
+    /// (vm.overcommit_memory=1). Repeatable.
+    #[arg(long, value_name = "K=V", value_parser = parse_sysctl)]
+    pub sysctl: Vec<(String, String)>,
+
     /// Push the result (`--format elf` or `bundle`) to this reference once it is written.
     #[arg(long, value_name = "REF")]
     pub push: Option<String>,
@@ -376,12 +397,24 @@ impl Command {
     pub fn quiet(&self) -> bool {
         match self {
             Self::Build(b) => b.common.quiet,
-            Self::Run(_) => false,
+            Self::Run(r) => r.quiet,
             Self::Push(p) => p.common.quiet,
             Self::Inspect(i) => i.common.quiet,
             Self::Kernel(KernelCommand::Push(k)) => k.common.quiet,
         }
     }
+}
+
+/// Parses `--sysctl K=V`: a dotted name that stays inside `/proc/sys` and any value.
+pub fn parse_sysctl(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not of the form NAME=VALUE (vm.overcommit_memory=1)"))?;
+    oci2uk_config::model::check_sysctl_key(k).map_err(|why| format!("sysctl {k:?}: {why}"))?;
+    if v.contains('\0') {
+        return Err(format!("sysctl {k:?}: the value contains a NUL character"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// Parses a size with an optional binary suffix: `512`, `64K`, `512M`, `8G`, `1T` (`KiB`,
@@ -425,6 +458,31 @@ mod tests {
         assert!(parse_size("99999999999999T")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn sysctls() {
+        assert_eq!(
+            parse_sysctl("vm.overcommit_memory=1").unwrap(),
+            ("vm.overcommit_memory".to_owned(), "1".to_owned())
+        );
+        assert_eq!(
+            parse_sysctl("net.ipv4.ip_local_port_range=1024 65000").unwrap(),
+            (
+                "net.ipv4.ip_local_port_range".to_owned(),
+                "1024 65000".to_owned()
+            )
+        );
+        assert_eq!(parse_sysctl("kernel.x=").unwrap().1, "");
+        assert!(parse_sysctl("vm.overcommit_memory")
+            .unwrap_err()
+            .contains("NAME=VALUE"));
+        let e = parse_sysctl("../../etc/passwd=x").unwrap_err();
+        assert!(e.contains("\"../../etc/passwd\""), "{e}");
+        assert!(parse_sysctl("vm..x=1")
+            .unwrap_err()
+            .contains("empty component"));
+        assert!(parse_sysctl("=1").is_err());
     }
 
     #[test]

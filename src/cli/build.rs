@@ -19,6 +19,9 @@ use super::args::{BuildArgs, CommonArgs};
 
 pub async fn cmd_build(args: BuildArgs) -> anyhow::Result<()> {
     let mut req = request(&args)?;
+    if req.format != Format::Tar {
+        super::check_kernel_env(args.kernel.is_some())?;
+    }
     let push = push_target(&args, &req)?;
     let cache = Cache::open(args.common.cache.as_deref())?;
     let progress = Progress::new(!args.common.quiet);
@@ -59,6 +62,7 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
         user: args.user.clone(),
         net: args.net.clone(),
         hostname: args.hostname.clone(),
+        sysctl: args.sysctl.iter().cloned().collect(),
     };
     let output = args.output.clone().map(|p| match p.as_os_str() == "-" {
         true => Destination::Stdout,
@@ -139,7 +143,13 @@ fn report(
         println!("{v}");
     } else if !common.quiet {
         if let Some(k) = &outcome.kernel {
-            eprintln!("oci2uk: kernel {k}");
+            let why = match outcome.kernel_choice {
+                Some("flag") => " (--kernel)",
+                Some("env") => " ($OCI2UK_KERNEL)",
+                Some(_) => " (the newest installed kernel with modules)",
+                None => "",
+            };
+            eprintln!("oci2uk: kernel {k}{why}");
         }
         let memory = outcome
             .memory_mib

@@ -46,3 +46,18 @@ fn resolve_env(entries: &[String]) -> anyhow::Result<Vec<oci2uk::plan::EnvVar>> 
         std::env::var_os(k)
     })?)
 }
+
+/// `$OCI2UK_KERNEL`, when it is what picks the kernel, must name a file: said here with the
+/// variable's name, where the library would only say that the path cannot be read.
+fn check_kernel_env(flag_given: bool) -> anyhow::Result<()> {
+    let var = oci2uk::kernel::KERNEL_ENV;
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(path) if !flag_given && !std::path::Path::new(&path).is_file() => {
+            anyhow::bail!(
+                "{var}={} is not a kernel file (unset it to use the newest installed kernel)",
+                path.to_string_lossy()
+            )
+        }
+        _ => Ok(()),
+    }
+}

@@ -25,29 +25,38 @@ pub async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
     let file = match target {
         Input::File(path) => Bootable::file(path),
         Input::Image(source) => {
+            super::check_kernel_env(false)?;
             let cache = Cache::open(args.cache.as_deref())?;
             let registry = args.registry.clone().into();
-            build::bootable(source, &registry, &cache, &Progress::new(true)).await?
+            build::bootable(source, &registry, &cache, &Progress::new(!args.quiet)).await?
         }
     };
-    let memory_mib = memory(&args, file.path())?;
+    let (memory_mib, why) = memory(&args, file.path())?;
     let opts = RunOptions {
         file: file.path().to_path_buf(),
         ports: args.publish,
         memory_mib,
         env,
+        sysctl: args.sysctl,
+        debug: args.debug,
         accel: args.accel.into(),
         qemu: run::default_qemu(),
         stop_timeout: std::time::Duration::from_secs(args.stop_timeout.into()),
         // A terminal wants the guest's CRLF; a file or a pipe gets plain lines.
         keep_crlf: std::io::stdout().is_terminal(),
     };
+    // What stops the VM from starting is said before anything else.
+    run::preflight(&opts)?;
+    if !args.quiet {
+        eprintln!("oci2uk: guest memory {memory_mib} MiB ({why})");
+    }
     let status = run::run(&opts, tokio::io::stdout()).await?;
     Ok(status.exit_code())
 }
 
-/// `-m`, checked against what the file records it needs; without `-m`, that record.
-fn memory(args: &RunArgs, file: &std::path::Path) -> anyhow::Result<u64> {
+/// `-m`, checked against what the file records it needs; without `-m`, that record with room
+/// for the application ([`run::default_memory`]). The MiB, and where they come from.
+fn memory(args: &RunArgs, file: &std::path::Path) -> anyhow::Result<(u64, String)> {
     let recorded =
         run::recorded_memory(file).with_context(|| format!("cannot read {}", file.display()))?;
     Ok(match (&args.memory, recorded) {
@@ -60,10 +69,17 @@ fn memory(args: &RunArgs, file: &std::path::Path) -> anyhow::Result<u64> {
                 "-m {m} is too small: {} needs {need} MiB of guest memory (recorded when it was built)",
                 args.target
             );
-            m
+            (m, format!("-m; the file needs {need} MiB"))
         }
-        (Some(m), None) => parse_memory(m)?,
-        (None, need) => need.unwrap_or(512),
+        (Some(m), None) => (parse_memory(m)?, "-m".to_owned()),
+        (None, Some(need)) => (
+            run::default_memory(Some(need)),
+            format!("the file needs {need} MiB, plus room to work; -m to change"),
+        ),
+        (None, None) => (
+            run::default_memory(None),
+            "the file records no need; -m to change".to_owned(),
+        ),
     })
 }
 

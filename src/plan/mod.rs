@@ -69,6 +69,8 @@ pub struct Overrides {
     pub net: Option<String>,
     /// `--hostname`.
     pub hostname: Option<String>,
+    /// `--sysctl`, by name (checked with [`oci2uk_config::model::check_sysctl_key`]).
+    pub sysctl: BTreeMap<String, String>,
 }
 
 /// One `--env` entry, resolved: a value, or none to remove the variable (`--env K` with no K
@@ -516,6 +518,7 @@ pub fn plan(
         hostname: Some(hostname),
         net,
         mount,
+        sysctl: overrides.sysctl.clone(),
         oci2uk: Oci2uk {
             stop_signal: Some(stop_signal),
             exposed_ports,

@@ -120,3 +120,66 @@ fn a_missing_kernel_is_named() {
     assert_fails(&out, 1, &["/nonexistent/vmlinuz"]);
     assert!(s.outputs().is_empty());
 }
+
+/// `oci2uk ARGS` in `s`'s working directory with `envs` set.
+fn oci2uk_with(s: &Scratch, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let work = s.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_oci2uk"))
+        .args(args)
+        .current_dir(&work)
+        .env("OCI2UK_CACHE", s.cache())
+        .env_remove("OCI2UK_QEMU")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run oci2uk")
+}
+
+#[test]
+fn a_missing_qemu_is_one_line_and_125() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path().join("work")).unwrap();
+    std::fs::write(s.path().join("work/app.elf"), b"not booted").unwrap();
+    let out = oci2uk_with(&s, &["run", "./app.elf"], &[("PATH", "/nonexistent")]);
+    assert_fails(
+        &out,
+        125,
+        &["qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"],
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_bad_sysctl_names_the_flag_and_the_key() {
+    let s = Scratch::new();
+    for (cmd, bad) in [
+        ("run", "../../etc/passwd=x"),
+        ("run", "vm..overcommit_memory=1"),
+        ("build", "vm/overcommit_memory=1"),
+        ("build", "vm.overcommit_memory"),
+    ] {
+        let out = s.oci2uk(&[cmd, "./app.elf", "--sysctl", bad]);
+        assert_eq!(out.status.code(), Some(2), "{cmd} --sysctl {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--sysctl"), "{err}");
+        let key = bad.split('=').next().unwrap();
+        assert!(err.contains(key), "{key} not in {err}");
+    }
+}
+
+#[test]
+fn a_kernel_that_cannot_be_found_is_named() {
+    let s = Scratch::new();
+    let src = format!(
+        "docker-archive:{}",
+        conformance("source_image.tar").display()
+    );
+    let env = [("OCI2UK_KERNEL", "/nonexistent/vmlinuz")];
+    let out = oci2uk_with(&s, &[&src], &env);
+    assert_fails(&out, 1, &["OCI2UK_KERNEL=/nonexistent/vmlinuz"]);
+    let out = oci2uk_with(&s, &["run", &src], &env);
+    assert_fails(&out, 125, &["OCI2UK_KERNEL=/nonexistent/vmlinuz"]);
+    let out = oci2uk_with(&s, &["run", "./missing.elf"], &[]);
+    assert_fails(&out, 125, &["./missing.elf"]);
+    assert!(s.outputs().is_empty());
+}

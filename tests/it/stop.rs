@@ -64,6 +64,24 @@ fn sigterm_stops_nginx_through_its_stop_signal() {
     );
     // The console went to a file: plain line ends.
     assert!(!console.contains('\r'), "CR in the console:\n{console:?}");
+    // A quiet console: run's own lines (the memory it gives, the stop), nginx's, the
+    // status line last, and nothing of the kernel's.
+    let lines: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines[0].starts_with("oci2uk: guest memory 512 MiB (the file needs "),
+        "console:\n{console}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some("oci2uk: exit status 0"),
+        "console:\n{console}"
+    );
+    for l in &lines {
+        assert!(
+            !crate::vm::is_kernel_line(l) && !l.contains("PCI:") && !l.contains("reboot:"),
+            "a kernel line on the console: {l:?}; console:\n{console}"
+        );
+    }
     eprintln!("nginx stopped by SIGTERM in {took:.1?}");
 }
 

@@ -194,3 +194,119 @@ fn bundle_holds_the_parts_and_launch_files() {
         "{pvh}"
     );
 }
+
+/// Whether a console line is the kernel's (`[    0.262208] PCI: Fatal: ...`).
+pub(crate) fn is_kernel_line(l: &str) -> bool {
+    l.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .is_some_and(|(t, _)| {
+            let t = t.trim();
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
+#[test]
+fn sysctls_of_build_and_run_reach_the_guest() {
+    let s = Scratch::new();
+    let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
+    let entry = r#"["sh","-c","echo overcommit=$(cat /proc/sys/vm/overcommit_memory) somaxconn=$(cat /proc/sys/net/core/somaxconn)"]"#;
+    let out = s.oci2uk(&[
+        "build",
+        &image,
+        "--entrypoint",
+        entry,
+        "--sysctl",
+        "vm.overcommit_memory=1",
+        "--sysctl",
+        "net.core.somaxconn=500",
+        "-o",
+        "sysctl.elf",
+        "--json",
+    ]);
+    assert_ok(&out);
+    // `kernel` is the path alone; why it was chosen is beside it.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kernel = v["kernel"].as_str().unwrap();
+    assert!(Path::new(kernel).is_file(), "kernel {kernel:?}");
+    assert!(
+        matches!(v["kernel_choice"].as_str(), Some("installed" | "env")),
+        "{v}"
+    );
+    let _one = one_vm();
+    let elf = s.path().join("work/sysctl.elf");
+    // run's own deep-merge over the file's; a name the kernel lacks is a warning.
+    let out = s.oci2uk(&[
+        "run",
+        elf.to_str().unwrap(),
+        "--sysctl",
+        "net.core.somaxconn=1000",
+        "--sysctl",
+        "no.such.setting=1",
+    ]);
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "console:\n{console}");
+    assert!(
+        console.contains("overcommit=1 somaxconn=1000"),
+        "console:\n{console}"
+    );
+    assert!(
+        console
+            .contains("oci2uk: warning: sysctl no.such.setting=1: the kernel has no such setting"),
+        "console:\n{console}"
+    );
+}
+
+#[test]
+fn running_out_of_memory_ends_visibly() {
+    let s = Scratch::new();
+    let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
+    // A shell variable that grows past the guest's memory.
+    let entry = r#"["sh","-c","echo allocating; x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo survived ${#x}"]"#;
+    assert_ok(&s.oci2uk(&[
+        "build",
+        &image,
+        "--entrypoint",
+        entry,
+        "-o",
+        "oom.elf",
+        "--quiet",
+    ]));
+    let _one = one_vm();
+    let elf = s.path().join("work/oom.elf");
+    let start = std::time::Instant::now();
+    let mut vm = Guest::run(&elf, &["-m", "192"], s.path().join("console"));
+    // Without the init's memory settings the guest thrashes for many minutes, silently.
+    let st = vm.wait(Duration::from_secs(240));
+    let took = start.elapsed();
+    let console = vm.console();
+    assert_eq!(st.code(), Some(137), "{st}; console:\n{console}");
+    assert!(console.contains("allocating"), "console:\n{console}");
+    assert!(!console.contains("survived"), "console:\n{console}");
+    assert!(
+        console.contains("oci2uk: out of memory: the kernel's OOM killer killed 1 process"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("oci2uk: killed by signal 9"),
+        "console:\n{console}"
+    );
+    eprintln!("out of memory at -m 192: ended after {took:.1?}");
+}
+
+#[test]
+fn run_of_an_image_names_its_digest_once() {
+    let s = Scratch::new();
+    let image = format!("{}/busybox:latest", env("OCI2UK_TEST_REGISTRY"));
+    // A busy port stops the run after the build, before the boot.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = s.oci2uk(&["run", &image, "-p", &format!("127.0.0.1:{port}:80")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let built = err
+        .lines()
+        .find(|l| l.starts_with("oci2uk: built "))
+        .unwrap_or_else(|| panic!("no build line in:\n{err}"));
+    assert_eq!(built.matches("sha256:").count(), 1, "{built}");
+    assert!(err.contains("is already in use"), "{err}");
+}
