@@ -3,7 +3,8 @@
 //!
 //! The bake's segment is the PT_LOAD with the highest physical address; its parts are at the
 //! offsets in [`crate::bake::segment`]: the command line at `CMDLINE_OFFSET`, the module list
-//! entry (the initramfs's address and size) at `MODLIST_OFFSET`.
+//! entry (the initramfs's address and size) at `MODLIST_OFFSET`. The Xen notes that point into
+//! it say how the file boots.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -16,6 +17,17 @@ use crate::bake::pvh::COMMAND_LINE_SIZE;
 use crate::bake::segment::{CMDLINE_OFFSET, INITRAMFS_OFFSET, MODLIST_OFFSET};
 use crate::cache::Hasher;
 use crate::kernel::decompress::Compression;
+use crate::kernel::elf;
+use crate::kernel::{XEN_ELFNOTE_ENTRY, XEN_ELFNOTE_PHYS32_ENTRY};
+
+/// The boot path of a file whose PVH entry (`XEN_ELFNOTE_PHYS32_ENTRY`) is the bake's stub:
+/// QEMU's `-kernel`, Firecracker, Cloud Hypervisor, Xen `type = "pvh"`.
+pub const BOOT_PVH: &str = "pvh";
+/// The boot path of a file whose Xen PV entry (`XEN_ELFNOTE_ENTRY`) is the bake's stub: Xen
+/// `type = "pv"`.
+pub const BOOT_XEN_PV: &str = "xen-pv";
+/// The largest note segment read.
+const MAX_NOTES: u64 = 64 << 10;
 
 /// The largest launch configuration read back.
 const MAX_CONFIG: u64 = 4 << 20;
@@ -63,6 +75,9 @@ pub struct BakedInfo {
     pub rootfs_compression: String,
     /// The launch configuration (`/rumpconfig.json`).
     pub config: Option<RumpConfig>,
+    /// How it boots: [`BOOT_PVH`], [`BOOT_XEN_PV`], each when its Xen note points into the
+    /// baked segment (a kernel's own entry would boot without the initramfs).
+    pub boot: Vec<&'static str>,
 }
 
 impl BakedInfo {
@@ -103,6 +118,7 @@ impl BakedInfo {
             .filter(|r| r.saturating_add(mod_size) <= seg.filesz && mod_size > 0)
             .ok_or_else(|| not_baked("its initramfs lies outside its baked segment"))?;
         let memory_mib = guest::find_memory(&cmdline);
+        let boot = boot_paths(&mut f, &seg).map_err(io_err)?;
 
         // The initramfs: hashed whole, and read as far as the configuration.
         f.seek(SeekFrom::Start(seg.offset + rel)).map_err(io_err)?;
@@ -155,6 +171,7 @@ impl BakedInfo {
             rootfs_size: mod_size,
             rootfs_compression: compression.map_or("none", |c| c.name()).to_string(),
             config,
+            boot,
         })
     }
 
@@ -183,8 +200,11 @@ impl<R: Read> Read for TeeReader<'_, R> {
 struct Segment {
     machine: u16,
     paddr: u64,
+    vaddr: u64,
     offset: u64,
     filesz: u64,
+    /// The file's PT_NOTE segments: (offset, size).
+    notes: Vec<(u64, u64)>,
 }
 
 fn last_segment(f: &mut File) -> io::Result<Option<Segment>> {
@@ -204,17 +224,71 @@ fn last_segment(f: &mut File) -> io::Result<Option<Segment>> {
     let mut ph = vec![0u8; phentsize * phnum];
     f.seek(SeekFrom::Start(phoff))?;
     f.read_exact(&mut ph)?;
+    let kind = |p: &[u8]| u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
+    let notes = ph
+        .chunks(phentsize)
+        .filter(|p| kind(p) == elf::PT_NOTE)
+        .map(|p| (le64(&p[8..]), le64(&p[32..])))
+        .collect();
     Ok(ph
         .chunks(phentsize)
-        .filter(|p| u32::from_le_bytes(p[..4].try_into().expect("4 bytes")) == 1)
-        .map(|p| (le64(&p[24..]), le64(&p[8..]), le64(&p[32..])))
+        .filter(|p| kind(p) == elf::PT_LOAD)
+        .map(|p| {
+            (
+                le64(&p[24..]),
+                le64(&p[8..]),
+                le64(&p[32..]),
+                le64(&p[16..]),
+            )
+        })
         .max()
-        .map(|(paddr, offset, filesz)| Segment {
+        .map(|(paddr, offset, filesz, vaddr)| Segment {
             machine,
             paddr,
+            vaddr,
             offset,
             filesz,
+            notes,
         }))
+}
+
+/// The boot paths whose Xen entry note points into the baked segment: the PVH entry is a
+/// physical address, the PV entry a virtual one.
+fn boot_paths(f: &mut File, seg: &Segment) -> io::Result<Vec<&'static str>> {
+    let mut pvh = false;
+    let mut pv = false;
+    for &(offset, size) in &seg.notes {
+        if size > MAX_NOTES {
+            continue;
+        }
+        let mut bytes = vec![0u8; size as usize];
+        f.seek(SeekFrom::Start(offset))?;
+        if f.read_exact(&mut bytes).is_err() {
+            continue;
+        }
+        let Ok(notes) = elf::parse_note_bytes(&bytes) else {
+            continue;
+        };
+        for note in notes.iter().filter(|n| n.name == b"Xen") {
+            let value = match note.desc.len() {
+                4 => elf::u32_at(note.desc, 0).map(u64::from),
+                8 => elf::u64_at(note.desc, 0),
+                _ => None,
+            };
+            let inside = |base: u64| {
+                value.is_some_and(|v| v >= base && v - base < seg.filesz.min(INITRAMFS_OFFSET))
+            };
+            match note.kind {
+                XEN_ELFNOTE_PHYS32_ENTRY => pvh |= inside(seg.paddr),
+                XEN_ELFNOTE_ENTRY => pv |= inside(seg.vaddr),
+                _ => {}
+            }
+        }
+    }
+    Ok([(pvh, BOOT_PVH), (pv, BOOT_XEN_PV)]
+        .into_iter()
+        .filter_map(|(yes, name)| yes.then_some(name))
+        .collect())
 }
 
 /// The segment's head (everything before the initramfs); `None` when the segment is too short
@@ -320,8 +394,47 @@ mod tests {
     use super::*;
     use crate::bake::bake_to_vec;
     use crate::build::BAKED_CMDLINE;
-    use crate::kernel::tests::tiny_vmlinux;
+    use crate::kernel::tests::{tiny_vmlinux, tiny_vmlinux_with};
     use crate::kernel::Kernel;
+
+    fn baked(kernel: &Kernel, dir: &Path) -> PathBuf {
+        let path = dir.join("baked.elf");
+        let cmdline = format!("{BAKED_CMDLINE} {}", guest::memory_param(64));
+        std::fs::write(&path, bake_to_vec(kernel, &[0; 100], &cmdline).unwrap()).unwrap();
+        path
+    }
+
+    /// The boot paths come from the notes: both for a kernel with both entries, PVH only for
+    /// a kernel without a PV entry, none for a kernel's own notes.
+    #[test]
+    fn boot_paths_follow_the_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let both = Kernel::parse(tiny_vmlinux_with(
+            Some(0x100_0001),
+            Some(0xffff_ffff_8100_0040),
+        ))
+        .unwrap();
+        let pvh_only = Kernel::parse(tiny_vmlinux(Some(0x100_0001))).unwrap();
+        for (kernel, want) in [
+            (&both, vec![BOOT_PVH, BOOT_XEN_PV]),
+            (&pvh_only, vec![BOOT_PVH]),
+        ] {
+            let path = baked(kernel, dir.path());
+            let mut f = File::open(&path).unwrap();
+            let seg = last_segment(&mut f).unwrap().unwrap();
+            assert_eq!(boot_paths(&mut f, &seg).unwrap(), want);
+        }
+        // The unbaked kernel: its notes point at its own entries, outside the last segment.
+        let path = dir.path().join("vmlinux");
+        std::fs::write(
+            &path,
+            tiny_vmlinux_with(Some(0x100_0001), Some(0xffff_ffff_8100_0040)),
+        )
+        .unwrap();
+        let mut f = File::open(&path).unwrap();
+        let seg = last_segment(&mut f).unwrap().unwrap();
+        assert!(boot_paths(&mut f, &seg).unwrap().is_empty());
+    }
 
     #[test]
     fn the_baked_command_line_starts_the_init() {

@@ -18,6 +18,7 @@ pub fn file(path: &str, info: &BakedInfo) -> Value {
         "architecture": info.architecture,
         "kernel_version": info.kernel_version(),
         "memory_mib": info.memory_mib,
+        "boot": info.boot,
         "cmdline": info.cmdline,
         "rootfs": {
             "digest": info.rootfs_digest,
@@ -128,7 +129,19 @@ pub fn image(img: &Image) -> Value {
     })
 }
 
-/// The report as indented `key: value` lines.
+/// What each boot path of a baked file ([`BakedInfo::boot`]) means, for the text form.
+fn boot_path_text(path: &str) -> &str {
+    match path {
+        super::baked::BOOT_PVH => {
+            "pvh (QEMU -kernel, Firecracker, Cloud Hypervisor, Xen type = \"pvh\")"
+        }
+        super::baked::BOOT_XEN_PV => "xen-pv (Xen type = \"pv\")",
+        other => other,
+    }
+}
+
+/// The report as indented `key: value` lines. Lists of strings (argv, env) are written as JSON
+/// arrays and odd strings JSON-quoted, so their boundaries survive.
 pub fn text(report: &Value) -> String {
     let mut out = String::new();
     render(report, 0, &mut out);
@@ -149,13 +162,19 @@ fn render(v: &Value, depth: usize, out: &mut String) {
                         out.push_str(&format!("{pad}{k}: {}\n", keys.join(" ")));
                     }
                     Value::Array(a) if a.is_empty() => {}
+                    Value::Array(a) if depth == 0 && k == "boot" => {
+                        let paths: Vec<&str> = a
+                            .iter()
+                            .map(|p| boot_path_text(p.as_str().unwrap_or_default()))
+                            .collect();
+                        out.push_str(&format!("{pad}boots as: {}\n", paths.join("; ")));
+                    }
                     Value::Object(_) => {
                         out.push_str(&format!("{pad}{k}:\n"));
                         render(x, depth + 1, out);
                     }
-                    Value::Array(a) if a.iter().all(|e| !e.is_object()) => {
-                        let items: Vec<String> = a.iter().map(scalar).collect();
-                        out.push_str(&format!("{pad}{k}: {}\n", items.join(" ")));
+                    Value::Array(a) if a.iter().all(|e| !e.is_object() && !e.is_array()) => {
+                        out.push_str(&format!("{pad}{k}: {x}\n"));
                     }
                     Value::Array(a) => {
                         out.push_str(&format!("{pad}{k}:\n"));
@@ -172,9 +191,18 @@ fn render(v: &Value, depth: usize, out: &mut String) {
     }
 }
 
+/// A scalar as text: a string as it is, unless it would not read back as itself on a
+/// `key: value` line (empty, spaces at an end, a control character), then JSON-quoted.
 fn scalar(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s)
+            if !s.is_empty()
+                && s.trim() == s
+                && !s.chars().any(char::is_control)
+                && !s.starts_with('"') =>
+        {
+            s.clone()
+        }
         other => other.to_string(),
     }
 }
@@ -189,9 +217,36 @@ mod tests {
                        "nested": {"x": "y"}, "objs": [{"d": 1}]});
         let t = text(&v);
         assert!(t.contains("kind: file\n"));
-        assert!(t.contains("list: a b\n"));
+        assert!(t.contains("list: [\"a\",\"b\"]\n"));
         assert!(t.contains("nested:\n  x: y\n"));
         assert!(t.contains("objs:\n  -\n    d: 1\n"));
         assert!(!t.contains("none"));
+    }
+
+    /// argv and env keep their boundaries; odd values are quoted.
+    #[test]
+    fn text_keeps_boundaries() {
+        let v = json!({"argv": ["-g", "daemon off;"], "env": ["A=b c", "EMPTY="],
+                       "vars": {"X": "two\nlines", "Y": " pad", "Z": ""}});
+        let t = text(&v);
+        assert!(t.contains("argv: [\"-g\",\"daemon off;\"]\n"), "{t}");
+        assert!(t.contains("env: [\"A=b c\",\"EMPTY=\"]\n"), "{t}");
+        assert!(t.contains("  X: \"two\\nlines\"\n"), "{t}");
+        assert!(t.contains("  Y: \" pad\"\n"), "{t}");
+        assert!(t.contains("  Z: \"\"\n"), "{t}");
+    }
+
+    #[test]
+    fn text_names_the_boot_paths() {
+        let t = text(&json!({"kind": "file", "boot": ["pvh", "xen-pv"]}));
+        assert!(
+            t.contains(
+                "boots as: pvh (QEMU -kernel, Firecracker, Cloud Hypervisor, Xen type = \"pvh\"); \
+                 xen-pv (Xen type = \"pv\")\n"
+            ),
+            "{t}"
+        );
+        let t = text(&json!({"kind": "file", "boot": []}));
+        assert!(!t.contains("boot"), "{t}");
     }
 }

@@ -1,24 +1,36 @@
-//! The bake: kernel + initramfs + command line in, one bootable PVH ELF out.
+//! The bake: kernel + initramfs + command line in, one bootable ELF out, for PVH and, when the
+//! kernel supports it, Xen PV.
 //!
 //! The kernel's vmlinux gets one more PT_LOAD segment, placed at the first 2 MiB boundary at or
 //! above the highest physical address the kernel occupies, holding (offsets from its start):
 //!
 //! ```text
-//! 0x0000  the entry stub (stub.rs)          0x0800  the command line buffer (2048 bytes,
-//! 0x0100  hvm_start_info (56 bytes)                 the baked line, NUL-terminated)
-//! 0x0140  one hvm_modlist_entry (32 bytes)  0x1000  the initramfs
+//! 0x0000  the PVH entry stub (stub.rs)      0x0180  the PV entry stub (stub.rs)
+//! 0x0100  hvm_start_info (56 bytes)         0x0800  the command line buffer (2048 bytes,
+//! 0x0140  one hvm_modlist_entry (32 bytes)          the baked line, NUL-terminated)
+//!                                           0x1000  the initramfs
 //! ```
 //!
-//! The PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`) is pointed at the stub, which copies the
+//! The PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`) is pointed at the PVH stub, which copies the
 //! hypervisor's start_info into the baked one, makes the initramfs its one module, appends the
 //! hypervisor's command line to the baked one (so `-append`, Firecracker's `boot_args` and Xen's
 //! `extra` still work and, coming last, win) and jumps to the kernel's own entry. The
 //! segment's virtual address is `__START_KERNEL_map + paddr`, as the kernel's own are.
 //!
+//! The Xen PV note (`XEN_ELFNOTE_ENTRY`, a virtual address), when the kernel has one, is
+//! pointed at the PV stub, which does the same to Xen's PV `start_info` in place: the initramfs
+//! becomes its module (libxc maps every PT_LOAD segment, so it is already in memory), Xen's
+//! `extra` is appended to the baked line in `cmd_line`, and it jumps to `startup_xen`. So
+//! `xl` boots the one file with `type = "pv"` or `type = "pvh"`, no `ramdisk`, no `cmdline`.
+//! Under PV the whole image is mapped in the kernel's 1 GiB `__START_KERNEL_map` window with
+//! Xen's start-of-day pages after it, so PV wants the segment to end well below
+//! `__START_KERNEL_map + 1 GiB`; PVH has no such limit.
+//!
 //! The ELF is edited with plain byte writes: the crates that write ELF files build new objects
 //! from sections and cannot add a program header to an existing executable, and the edit is
 //! small (a header, a program header, a note's descriptor). Output is deterministic.
 
+pub mod pv;
 pub mod pvh;
 pub mod segment;
 pub mod stub;
@@ -26,21 +38,21 @@ pub mod stub;
 use std::io::{self, Read, Write};
 
 use crate::kernel::elf::{self, Elf, ProgramHeader};
-use crate::kernel::{Kernel, KernelError, XEN_ELFNOTE_PHYS32_ENTRY};
+pub use crate::kernel::START_KERNEL_MAP;
+use crate::kernel::{Kernel, KernelError, XEN_ELFNOTE_ENTRY, XEN_ELFNOTE_PHYS32_ENTRY};
+use pv::MAX_GUEST_CMDLINE;
 use pvh::*;
 use segment::*;
-use stub::{entry_stub, StubParams};
-
-/// `__START_KERNEL_map`: x86_64 Linux maps its image at this virtual address plus its physical
-/// address.
-pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+use stub::{entry_stub, pv_entry_stub, PvStubParams, StubParams};
 /// The baked segment starts on this boundary (the alignment of the kernel's own segments).
 pub const SEGMENT_ALIGN: u64 = 2 << 20;
 /// The baked segment's alignment in the file (it is congruent with its address modulo this).
 const FILE_ALIGN: u64 = 0x1000;
 /// The longest baked command line: it must leave room for a space and one byte of the
-/// hypervisor's line within [`COMMAND_LINE_SIZE`] (NUL included).
-pub const MAX_BAKED_CMDLINE: usize = COMMAND_LINE_SIZE as usize - 3;
+/// hypervisor's line within Xen PV's [`MAX_GUEST_CMDLINE`] (NUL included), the smaller of the
+/// two limits (PVH's is Linux's [`COMMAND_LINE_SIZE`], 2048). One limit for every file keeps
+/// every boot path open to every file; the lines `oci2uk build` bakes are about 120 bytes.
+pub const MAX_BAKED_CMDLINE: usize = MAX_GUEST_CMDLINE as usize - 3;
 
 /// Errors of baking.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +98,15 @@ pub struct Placement {
     pub segment_offset: u64,
     /// Its size (in the file and in memory).
     pub segment_size: u64,
-    /// The entry stub (what the PVH note now points at).
+    /// The PVH entry stub (what the PVH note now points at).
     pub stub_paddr: u64,
     /// The stub's size.
     pub stub_size: u64,
+    /// The Xen PV entry stub's virtual address (what the PV note now points at); `None` when
+    /// the kernel has no PV entry and the file boots through PVH only.
+    pub pv_stub_vaddr: Option<u64>,
+    /// The PV stub's size (0 without one).
+    pub pv_stub_size: u64,
     /// The baked `hvm_start_info`.
     pub start_info_paddr: u64,
     /// The module list.
@@ -102,6 +119,8 @@ pub struct Placement {
     pub initramfs_len: u64,
     /// The kernel's own PVH entry, which the stub jumps to.
     pub kernel_entry: u32,
+    /// The kernel's own PV entry (`startup_xen`), which the PV stub jumps to.
+    pub kernel_pv_entry: Option<u64>,
     /// Where the program header table is in the output file.
     pub phdr_offset: u64,
     /// Whether it had to be moved to the end of the file for lack of room.
@@ -116,6 +135,11 @@ impl Placement {
     pub fn memory_end(&self) -> u64 {
         self.segment_paddr + self.segment_size
     }
+
+    /// Whether the file also boots as a Xen PV guest.
+    pub fn supports_pv(&self) -> bool {
+        self.pv_stub_vaddr.is_some()
+    }
 }
 
 /// Where the bake of `kernel` with an initramfs of `initramfs_len` bytes and the command line
@@ -124,8 +148,8 @@ pub fn place(kernel: &Kernel, initramfs_len: u64, cmdline: &str) -> Result<Place
     Ok(Edit::new(kernel, initramfs_len, cmdline, false)?.placement)
 }
 
-/// Bake `kernel`, the `initramfs_len` bytes read from `initramfs` and `cmdline` into one PVH ELF
-/// written to `out`. The initramfs is streamed: only the kernel is held in memory.
+/// Bake `kernel`, the `initramfs_len` bytes read from `initramfs` and `cmdline` into one
+/// bootable ELF written to `out`. The initramfs is streamed: only the kernel is held in memory.
 pub fn bake(
     kernel: &Kernel,
     initramfs: impl Read,
@@ -197,6 +221,11 @@ impl SegmentAt {
     fn at(&self, offset: u64) -> u64 {
         self.paddr + offset
     }
+
+    /// Its virtual address.
+    fn vat(&self, offset: u64) -> u64 {
+        self.vaddr + offset
+    }
 }
 
 /// What is kept of the kernel's file.
@@ -244,11 +273,22 @@ impl<'k> Edit<'k> {
             baked_len: cmdline.len() as u32,
             entry: kernel_entry,
         });
-        let head = segment_head(&seg, &stub, cmdline);
+        let kernel_pv_entry = kernel.pv_entry();
+        let pv_stub = kernel_pv_entry.map(|entry| {
+            pv_entry_stub(&PvStubParams {
+                cmdline: seg.vat(CMDLINE_OFFSET),
+                baked_len: cmdline.len() as u32,
+                initramfs: seg.vat(INITRAMFS_OFFSET),
+                initramfs_len,
+                entry,
+            })
+        });
+        let head = segment_head(&seg, &stub, pv_stub.as_deref(), cmdline);
         let table = phdr_table(&parsed, &kept, &seg, segment_offset, move_phdrs)?;
         let stub_paddr = seg.at(STUB_OFFSET);
+        let pv_stub_vaddr = pv_stub.as_ref().map(|_| seg.vat(PV_STUB_OFFSET));
         let (phdr_offset, in_place, file_len) = (table.offset, table.in_place, table.file_len);
-        let (patches, moved_phdrs) = patches(&parsed, &kept, table, stub_paddr)?;
+        let (patches, moved_phdrs) = patches(&parsed, &kept, table, stub_paddr, pv_stub_vaddr)?;
 
         Ok(Edit {
             vmlinux: &vmlinux[..kept.len as usize],
@@ -260,12 +300,15 @@ impl<'k> Edit<'k> {
                 segment_size: seg.size,
                 stub_paddr,
                 stub_size: stub.len() as u64,
+                pv_stub_vaddr,
+                pv_stub_size: pv_stub.as_ref().map_or(0, |s| s.len() as u64),
                 start_info_paddr: seg.at(START_INFO_OFFSET),
                 modlist_paddr: seg.at(MODLIST_OFFSET),
                 cmdline_paddr: seg.at(CMDLINE_OFFSET),
                 initramfs_paddr: seg.at(INITRAMFS_OFFSET),
                 initramfs_len,
                 kernel_entry,
+                kernel_pv_entry,
                 phdr_offset,
                 phdrs_moved: !in_place,
                 file_len,
@@ -389,8 +432,8 @@ fn keep(parsed: &Elf, vmlinux: &[u8]) -> Kept {
     }
 }
 
-/// The segment's head: the stub, the baked start_info and module entry, the command line.
-fn segment_head(seg: &SegmentAt, stub: &[u8], cmdline: &str) -> Vec<u8> {
+/// The segment's head: the stubs, the baked start_info and module entry, the command line.
+fn segment_head(seg: &SegmentAt, stub: &[u8], pv_stub: Option<&[u8]>, cmdline: &str) -> Vec<u8> {
     let start_info = HvmStartInfo {
         magic: START_INFO_MAGIC,
         version: START_INFO_VERSION,
@@ -411,6 +454,9 @@ fn segment_head(seg: &SegmentAt, stub: &[u8], cmdline: &str) -> Vec<u8> {
     put(&mut head, STUB_OFFSET, stub);
     put(&mut head, START_INFO_OFFSET, &start_info.to_bytes());
     put(&mut head, MODLIST_OFFSET, &module.to_bytes());
+    if let Some(pv_stub) = pv_stub {
+        put(&mut head, PV_STUB_OFFSET, pv_stub);
+    }
     put(&mut head, CMDLINE_OFFSET, cmdline.as_bytes());
     head
 }
@@ -472,13 +518,14 @@ fn phdr_table(
 }
 
 /// The patches to the kernel's file: the ELF header's table fields, the PVH note pointed at
-/// the stub, and the program header table when it stays in place (else it is returned, to be
-/// written at the end).
+/// the stub (and the PV note at the PV stub, when there is one), and the program header table
+/// when it stays in place (else it is returned, to be written at the end).
 fn patches(
     parsed: &Elf,
     kept: &Kept,
     table: PhdrTable,
     stub_paddr: u64,
+    pv_stub_vaddr: Option<u64>,
 ) -> Result<(Patches, Option<Vec<u8>>), BakeError> {
     let mut patches = Vec::new();
     patches.push((32, table.offset.to_le_bytes().to_vec())); // e_phoff
@@ -487,17 +534,27 @@ fn patches(
         patches.push((40, 0u64.to_le_bytes().to_vec())); // e_shoff
         patches.push((60, [0u8; 4].to_vec())); // e_shnum, e_shstrndx
     }
-    let note = parsed
-        .notes()
-        .map_err(KernelError::Elf)?
-        .into_iter()
-        .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
-        .ok_or(KernelError::NoPvh)?;
+    let notes = parsed.notes().map_err(KernelError::Elf)?;
+    let xen_note = |kind: u32| notes.iter().find(|n| n.name == b"Xen" && n.kind == kind);
+    let note = xen_note(XEN_ELFNOTE_PHYS32_ENTRY).ok_or(KernelError::NoPvh)?;
     let desc = match note.desc.len() {
         4 => (stub_paddr as u32).to_le_bytes().to_vec(),
         _ => stub_paddr.to_le_bytes().to_vec(),
     };
     patches.push((note.desc_offset as u64, desc));
+    if let Some(vaddr) = pv_stub_vaddr {
+        // `Kernel::pv_entry` read it: it is there, and its descriptor is 4 or 8 bytes.
+        let note = xen_note(XEN_ELFNOTE_ENTRY).ok_or_else(|| bad_elf("no PV entry note"))?;
+        let desc = match note.desc.len() {
+            8 => vaddr.to_le_bytes().to_vec(),
+            _ => {
+                return Err(bad_elf(
+                    "the PV entry note is too small for a 64-bit address",
+                ))
+            }
+        };
+        patches.push((note.desc_offset as u64, desc));
+    }
     let moved_phdrs = if table.in_place {
         patches.push((table.offset, table.bytes));
         None
@@ -509,13 +566,13 @@ fn patches(
         .windows(2)
         .any(|w| w[0].0 + w[0].1.len() as u64 > w[1].0)
     {
-        return Err(bad_elf("the PVH note overlaps the ELF or program headers"));
+        return Err(bad_elf("a Xen note overlaps the ELF or program headers"));
     }
     if patches
         .iter()
         .any(|(offset, bytes)| offset.saturating_add(bytes.len() as u64) > kept.len)
     {
-        return Err(bad_elf("the PVH note lies outside the kernel's segments"));
+        return Err(bad_elf("a Xen note lies outside the kernel's segments"));
     }
     Ok((patches, moved_phdrs))
 }

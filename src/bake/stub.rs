@@ -1,14 +1,22 @@
-//! The 32-bit entry stub, hand-assembled: the hypervisor enters it as it would enter the
-//! kernel's PVH entry (protected mode, paging off, `%ebx` = physical address of its
-//! `hvm_start_info`); it builds the baked start_info and jumps to the kernel's own entry.
+//! The entry stubs, hand-assembled.
+//!
+//! - [`entry_stub`], 32-bit: the hypervisor enters it as it would enter the kernel's PVH entry
+//!   (protected mode, paging off, `%ebx` = physical address of its `hvm_start_info`); it builds
+//!   the baked start_info and jumps to the kernel's own entry. It uses no stack and touches only
+//!   `%eax`, `%ebx`, `%ecx`, `%esi`, `%edi` and the direction flag; Linux's `pvh_start_xen` sets
+//!   up everything else itself.
+//! - [`pv_entry_stub`], 64-bit: Xen enters it as it would enter `startup_xen` (long mode,
+//!   paging on, `%rsi` = virtual address of its PV `start_info`); it edits that start_info in
+//!   place (the module, the command line) and jumps to `startup_xen`. It uses no stack, touches
+//!   only `%rax`, `%rcx`, `%rdx`, `%rdi` and the direction flag, and leaves `%rsi` as it found it:
+//!   `startup_xen` reads only `%rsi`.
 //!
 //! The machine code is written here byte by byte with its absolute addresses patched in, so the
-//! bake needs neither an assembler nor `unsafe`. The stub uses no stack and touches only
-//! `%eax`, `%ebx`, `%ecx`, `%esi`, `%edi` and the direction flag; Linux's `pvh_start_xen` sets up
-//! everything else itself.
+//! bake needs neither an assembler nor `unsafe`.
 
 use std::collections::BTreeMap;
 
+use super::pv::{PvStartInfo, MAX_GUEST_CMDLINE, SIF_MOD_START_PFN};
 use super::pvh::{HvmStartInfo, COMMAND_LINE_SIZE, START_INFO_V0_SIZE, START_INFO_VERSION};
 use std::mem::offset_of;
 
@@ -53,6 +61,10 @@ impl Asm {
     }
 
     fn imm32(&mut self, v: u32) -> &mut Self {
+        self.op(&v.to_le_bytes())
+    }
+
+    fn imm64(&mut self, v: u64) -> &mut Self {
         self.op(&v.to_le_bytes())
     }
 
@@ -187,6 +199,114 @@ pub fn entry_stub(p: &StubParams) -> Vec<u8> {
     code
 }
 
+/// The addresses and sizes the PV stub is built for: virtual addresses, as the kernel's image
+/// is mapped when Xen enters it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PvStubParams {
+    /// The segment's command line buffer (the baked line at its start, NUL-terminated, zeros
+    /// after it for at least [`MAX_GUEST_CMDLINE`] bytes); the stub merges the lines there.
+    pub cmdline: u64,
+    /// Length of the baked command line, without its NUL.
+    pub baked_len: u32,
+    /// The embedded initramfs.
+    pub initramfs: u64,
+    /// Its length.
+    pub initramfs_len: u64,
+    /// The kernel's own PV entry (`startup_xen`).
+    pub entry: u64,
+}
+
+/// The largest stub [`pv_entry_stub`] emits.
+pub const MAX_PV_STUB_SIZE: usize = 192;
+
+/// The PV entry stub's machine code for `p`.
+///
+/// Linux reads the initrd from `mod_start` (through `__pa`, as a virtual address, unless
+/// `SIF_MOD_START_PFN` says it is a frame number) and `mod_len`, and the command line from the
+/// 1024-byte `cmd_line` array, all inside the start_info `%rsi` points at. The merged line is
+/// built in the segment's buffer (only one of the two stubs ever runs) and copied back whole.
+///
+/// ```text
+///        cld
+///        movabs $INITRAMFS, %rax          ; mod_start = the initramfs's virtual address
+///        mov    %rax, 112(%rsi)
+///        movabs $INITRAMFS_LEN, %rax      ; mod_len = its length
+///        mov    %rax, 120(%rsi)
+///        andl   $~SIF_MOD_START_PFN, 48(%rsi)
+///        movabs $CMDLINE+BAKED_LEN, %rdi  ; the end of the baked line
+///        cmpb   $0, 128(%rsi)             ; the toolstack's line is empty: keep ours
+///        je     back
+///        movb   $' ', (%rdi)              ; a space after the baked line...
+///        add    $SPACE, %rdi              ; ...kept only if the baked line is not empty
+///        mov    %rsi, %rdx
+///        lea    128(%rsi), %rsi           ; the toolstack's line
+///        mov    $ROOM, %ecx               ; bytes left before MAX_GUEST_CMDLINE - 1
+/// copy:  lodsb                            ; append it, bounded
+///        test   %al, %al
+///        je     term
+///        stos   %al, (%rdi)
+///        loop   copy
+/// term:  movb   $0, (%rdi)
+///        mov    %rdx, %rsi
+/// back:  mov    %rsi, %rdx                ; copy the merged line (NUL-padded) over cmd_line
+///        lea    128(%rsi), %rdi
+///        movabs $CMDLINE, %rsi
+///        mov    $MAX_GUEST_CMDLINE, %ecx
+///        rep movsb
+///        mov    %rdx, %rsi                ; %rsi = start_info again
+///        movabs $ENTRY, %rax              ; the kernel's own PV entry
+///        jmp    *%rax
+/// ```
+pub fn pv_entry_stub(p: &PvStubParams) -> Vec<u8> {
+    let space = u32::from(p.baked_len > 0);
+    let end = p.baked_len + space;
+    // The bake refuses baked lines that leave no room; `loop` with %ecx = 0 would run 2^64 times.
+    assert!(end < MAX_GUEST_CMDLINE - 1, "the baked line leaves no room");
+    let room = MAX_GUEST_CMDLINE - 1 - end;
+    let mod_start = offset_of!(PvStartInfo, mod_start) as u8;
+    let mod_len = offset_of!(PvStartInfo, mod_len) as u8;
+    let flags = offset_of!(PvStartInfo, flags) as u8;
+    let cmd_line = (offset_of!(PvStartInfo, cmd_line) as u32).to_le_bytes();
+
+    let mut a = Asm::new();
+    a.op(&[0xfc]); // cld
+    a.op(&[0x48, 0xb8]).imm64(p.initramfs); // movabs $initramfs,%rax
+    a.op(&[0x48, 0x89, 0x46, mod_start]); // mov %rax,112(%rsi)
+    a.op(&[0x48, 0xb8]).imm64(p.initramfs_len); // movabs $len,%rax
+    a.op(&[0x48, 0x89, 0x46, mod_len]); // mov %rax,120(%rsi)
+    a.op(&[0x83, 0x66, flags, !(SIF_MOD_START_PFN as u8)]); // andl $~8,48(%rsi)
+    a.op(&[0x48, 0xbf])
+        .imm64(p.cmdline + u64::from(p.baked_len)); // movabs $cmdline+len,%rdi
+    a.op(&[0x80, 0xbe]).op(&cmd_line).op(&[0x00]); // cmpb $0,128(%rsi)
+    a.jump8(0x74, "back"); // je back
+    a.op(&[0xc6, 0x07, b' ']); // movb $' ',(%rdi)
+    a.op(&[0x48, 0x83, 0xc7, space as u8]); // add $space,%rdi
+    a.op(&[0x48, 0x89, 0xf2]); // mov %rsi,%rdx
+    a.op(&[0x48, 0x8d, 0xb6]).op(&cmd_line); // lea 128(%rsi),%rsi
+    a.op(&[0xb9]).imm32(room); // mov $room,%ecx
+    a.label("copy");
+    a.op(&[0xac]); // lods %ds:(%rsi),%al
+    a.op(&[0x84, 0xc0]); // test %al,%al
+    a.jump8(0x74, "term"); // je term
+    a.op(&[0xaa]); // stos %al,%es:(%rdi)
+    a.jump8(0xe2, "copy"); // loop copy
+    a.label("term");
+    a.op(&[0xc6, 0x07, 0x00]); // movb $0,(%rdi)
+    a.op(&[0x48, 0x89, 0xd6]); // mov %rdx,%rsi
+    a.label("back");
+    a.op(&[0x48, 0x89, 0xf2]); // mov %rsi,%rdx
+    a.op(&[0x48, 0x8d, 0xbe]).op(&cmd_line); // lea 128(%rsi),%rdi
+    a.op(&[0x48, 0xbe]).imm64(p.cmdline); // movabs $cmdline,%rsi
+    a.op(&[0xb9]).imm32(MAX_GUEST_CMDLINE); // mov $1024,%ecx
+    a.op(&[0xf3, 0xa4]); // rep movsb
+    a.op(&[0x48, 0x89, 0xd6]); // mov %rdx,%rsi
+    a.op(&[0x48, 0xb8]).imm64(p.entry); // movabs $entry,%rax
+    a.op(&[0xff, 0xe0]); // jmp *%rax
+    let code = a.finish();
+    assert!(code.len() <= MAX_PV_STUB_SIZE);
+    code
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,14 +338,13 @@ mod tests {
         assert_eq!(entry_stub(&params()), code, "deterministic");
     }
 
-    /// The stub disassembled by binutils reads as the listing in `entry_stub`'s doc.
-    #[test]
-    fn objdump_agrees() {
+    /// `code` disassembled by binutils for `machine`, one instruction a line, spaces collapsed.
+    fn objdump(code: &[u8], machine: &str) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stub.bin");
-        std::fs::write(&path, entry_stub(&params())).unwrap();
+        std::fs::write(&path, code).unwrap();
         let out = std::process::Command::new("objdump")
-            .args(["-D", "-b", "binary", "-m", "i386"])
+            .args(["-D", "-b", "binary", "-m", machine])
             .arg(&path)
             .output()
             .expect("objdump runs (Debian's binutils; scripts/install-vm.sh installs it)");
@@ -235,11 +354,16 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).unwrap();
-        let insns: Vec<String> = text
-            .lines()
+        text.lines()
             .filter_map(|l| l.split('\t').nth(2))
             .map(|i| i.split_whitespace().collect::<Vec<_>>().join(" "))
-            .collect();
+            .collect()
+    }
+
+    /// The stub disassembled by binutils reads as the listing in `entry_stub`'s doc.
+    #[test]
+    fn objdump_agrees() {
+        let insns = objdump(&entry_stub(&params()), "i386");
         let expected = [
             "cld",
             "mov %ebx,%esi",
@@ -281,6 +405,89 @@ mod tests {
             "mov $0x1000850,%eax",
             "jmp *%eax",
         ];
-        assert_eq!(insns, expected, "\n{text}");
+        assert_eq!(insns, expected);
+    }
+
+    fn pv_params() -> PvStubParams {
+        PvStubParams {
+            cmdline: 0xffff_ffff_83e0_0800,
+            baked_len: 40,
+            initramfs: 0xffff_ffff_83e0_1000,
+            initramfs_len: 0x12_3456,
+            entry: 0xffff_ffff_8300_1234,
+        }
+    }
+
+    #[test]
+    fn pv_addresses_are_patched_in() {
+        let code = pv_entry_stub(&pv_params());
+        let has = |v: u64| code.windows(8).any(|w| w == v.to_le_bytes());
+        for v in [
+            0xffff_ffff_83e0_0800,
+            0xffff_ffff_83e0_0800 + 40,
+            0xffff_ffff_83e0_1000,
+            0x12_3456,
+            0xffff_ffff_8300_1234,
+        ] {
+            assert!(has(v), "{v:#x} missing");
+        }
+        // The room left for the toolstack's line: 1023 - 40 - 1.
+        assert!(code.windows(4).any(|w| w == 982u32.to_le_bytes()));
+        assert_eq!(&code[code.len() - 2..], &[0xff, 0xe0]);
+        assert_eq!(pv_entry_stub(&pv_params()), code, "deterministic");
+        // An empty baked line: no space is kept.
+        let empty = pv_entry_stub(&PvStubParams {
+            baked_len: 0,
+            ..pv_params()
+        });
+        assert!(empty.windows(4).any(|w| w == [0x48, 0x83, 0xc7, 0x00]));
+        assert!(empty.windows(4).any(|w| w == 1023u32.to_le_bytes()));
+    }
+
+    /// The PV stub disassembled by binutils reads as the listing in `pv_entry_stub`'s doc.
+    #[test]
+    fn pv_objdump_agrees() {
+        let insns = objdump(&pv_entry_stub(&pv_params()), "i386:x86-64");
+        let expected = [
+            "cld",
+            "movabs $0xffffffff83e01000,%rax",
+            "mov %rax,0x70(%rsi)",
+            "movabs $0x123456,%rax",
+            "mov %rax,0x78(%rsi)",
+            "andl $0xfffffff7,0x30(%rsi)",
+            "movabs $0xffffffff83e00828,%rdi",
+            "cmpb $0x0,0x80(%rsi)",
+            "je 0x58",
+            "movb $0x20,(%rdi)",
+            "add $0x1,%rdi",
+            "mov %rsi,%rdx",
+            "lea 0x80(%rsi),%rsi",
+            "mov $0x3d6,%ecx",
+            "lods %ds:(%rsi),%al",
+            "test %al,%al",
+            "je 0x52",
+            "stos %al,%es:(%rdi)",
+            "loop 0x4a",
+            "movb $0x0,(%rdi)",
+            "mov %rdx,%rsi",
+            "mov %rsi,%rdx",
+            "lea 0x80(%rsi),%rdi",
+            "movabs $0xffffffff83e00800,%rsi",
+            "mov $0x400,%ecx",
+            "rep movsb %ds:(%rsi),%es:(%rdi)",
+            "mov %rdx,%rsi",
+            "movabs $0xffffffff83001234,%rax",
+            "jmp *%rax",
+        ];
+        assert_eq!(insns, expected);
+    }
+
+    #[test]
+    #[should_panic(expected = "leaves no room")]
+    fn pv_refuses_a_line_without_room() {
+        pv_entry_stub(&PvStubParams {
+            baked_len: MAX_GUEST_CMDLINE - 2,
+            ..pv_params()
+        });
     }
 }

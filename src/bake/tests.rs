@@ -1,22 +1,27 @@
 use super::*;
 use crate::kernel::elf::testutil::{build, Seg};
 use crate::kernel::elf::{u32_at, u64_at};
-use crate::kernel::tests::tiny_vmlinux;
+use crate::kernel::tests::{tiny_vmlinux, tiny_vmlinux_with};
 
 const ENTRY: u32 = 0x100_0001;
+const PV_ENTRY: u64 = 0xffff_ffff_8100_0040;
 
 fn kernel() -> Kernel {
     Kernel::parse(tiny_vmlinux(Some(ENTRY))).unwrap()
 }
 
-fn pvh_note(out: &[u8]) -> u64 {
+fn xen_note(out: &[u8], kind: u32) -> u64 {
     let parsed = Elf::parse(out).unwrap();
     let notes = parsed.notes().unwrap();
     let note = notes
         .iter()
-        .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
+        .find(|n| n.name == b"Xen" && n.kind == kind)
         .unwrap();
     u64_at(note.desc, 0).unwrap()
+}
+
+fn pvh_note(out: &[u8]) -> u64 {
+    xen_note(out, XEN_ELFNOTE_PHYS32_ENTRY)
 }
 
 #[test]
@@ -38,6 +43,9 @@ fn adds_a_segment_after_the_kernel_and_points_the_note_at_the_stub() {
     assert!(!layout.phdrs_moved);
     assert_eq!(layout.file_len, out.len() as u64);
     assert_eq!(layout.memory_end(), 0x180_1000 + 10_000);
+    // A kernel without a PV entry boots through PVH only; the PV stub's place stays zero.
+    assert!(!layout.supports_pv());
+    assert_eq!((layout.pv_stub_vaddr, layout.pv_stub_size), (None, 0));
 
     let parsed = Elf::parse(&out).unwrap();
     let original = Elf::parse(k.vmlinux().unwrap()).unwrap();
@@ -68,6 +76,11 @@ fn adds_a_segment_after_the_kernel_and_points_the_note_at_the_stub() {
     assert_eq!(&line[..cmdline.len()], cmdline.as_bytes());
     assert!(line[cmdline.len()..].iter().all(|&b| b == 0));
     assert_eq!(&seg_bytes[INITRAMFS_OFFSET as usize..], &initramfs[..]);
+    assert!(
+        seg_bytes[MODLIST_OFFSET as usize + 32..CMDLINE_OFFSET as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
     assert_eq!(
         &seg_bytes[..layout.stub_size as usize],
         &entry_stub(&StubParams {
@@ -96,6 +109,80 @@ fn adds_a_segment_after_the_kernel_and_points_the_note_at_the_stub() {
     assert!(out[vmlinux.len()..seg.offset as usize]
         .iter()
         .all(|&b| b == 0));
+}
+
+/// A kernel with both entries: the PV note points at the PV stub's virtual address, which is
+/// where libxc maps it (`VIRT_BASE + paddr`); the PVH side is what a PVH-only kernel gets.
+#[test]
+fn points_the_pv_note_at_the_pv_stub() {
+    let k = Kernel::parse(tiny_vmlinux_with(Some(ENTRY), Some(PV_ENTRY))).unwrap();
+    let initramfs = vec![0xa5; 10_000];
+    let cmdline = "console=ttyS0 panic=-1 rdinit=/init";
+    let out = bake_to_vec(&k, &initramfs, cmdline).unwrap();
+    let layout = place(&k, initramfs.len() as u64, cmdline).unwrap();
+    assert!(layout.supports_pv());
+    assert_eq!(layout.kernel_pv_entry, Some(PV_ENTRY));
+    assert_eq!(layout.segment_paddr, 0x180_0000);
+    assert_eq!(
+        layout.segment_vaddr,
+        START_KERNEL_MAP + layout.segment_paddr
+    );
+    assert_eq!(layout.pv_stub_vaddr, Some(0xffff_ffff_8180_0180));
+    assert_eq!(xen_note(&out, XEN_ELFNOTE_ENTRY), 0xffff_ffff_8180_0180);
+    assert_eq!(pvh_note(&out), layout.stub_paddr);
+
+    let parsed = Elf::parse(&out).unwrap();
+    let seg = parsed.phdrs.last().unwrap();
+    assert_eq!(seg.vaddr - seg.paddr, START_KERNEL_MAP);
+    let seg_bytes = &out[seg.offset as usize..(seg.offset + seg.filesz) as usize];
+    let pv = PV_STUB_OFFSET as usize;
+    assert_eq!(
+        &seg_bytes[pv..pv + layout.pv_stub_size as usize],
+        &pv_entry_stub(&PvStubParams {
+            cmdline: 0xffff_ffff_8180_0800,
+            baked_len: cmdline.len() as u32,
+            initramfs: 0xffff_ffff_8180_1000,
+            initramfs_len: 10_000,
+            entry: PV_ENTRY,
+        })[..]
+    );
+    // The PVH stub and everything else in the head are what a PVH-only kernel gets.
+    let pvh_only = bake_to_vec(&kernel(), &initramfs, cmdline).unwrap();
+    let pvh_seg = Elf::parse(&pvh_only).unwrap().phdrs.last().unwrap().offset as usize;
+    let pvh_head = &pvh_only[pvh_seg..pvh_seg + INITRAMFS_OFFSET as usize];
+    for (i, (a, b)) in seg_bytes[..INITRAMFS_OFFSET as usize]
+        .iter()
+        .zip(pvh_head)
+        .enumerate()
+    {
+        if !(pv..pv + layout.pv_stub_size as usize).contains(&i) {
+            assert_eq!(a, b, "at {i:#x}");
+        }
+    }
+}
+
+/// Both notes, as readelf reads them, point into the baked segment.
+#[test]
+fn readelf_sees_both_entries() {
+    let k = Kernel::parse(tiny_vmlinux_with(Some(ENTRY), Some(PV_ENTRY))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baked.elf");
+    std::fs::write(&path, bake_to_vec(&k, &[1; 5000], "quiet").unwrap()).unwrap();
+    let out = std::process::Command::new("readelf")
+        .args(["-nW"])
+        .arg(&path)
+        .output()
+        .expect("readelf runs (Debian's binutils; scripts/install-vm.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // binutils does not know Xen's note types: it prints both descriptors as bytes (and calls
+    // type 1 by the generic NT_VERSION name).
+    let desc = |kind: &str, bytes: &str| {
+        text.lines()
+            .any(|l| l.trim_start().starts_with("Xen") && l.contains(kind) && l.contains(bytes))
+    };
+    assert!(desc("NT_VERSION", "80 01 80 81 ff ff ff ff"), "{text}");
+    assert!(desc("(0x00000012)", "00 00 80 01 00 00 00 00"), "{text}");
 }
 
 #[test]
@@ -165,6 +252,12 @@ fn refuses_what_cannot_boot() {
         Err(BakeError::Cmdline { .. })
     ));
     assert!(bake_to_vec(&k, b"", &"x".repeat(MAX_BAKED_CMDLINE)).is_ok());
+    // The limit is Xen PV's, for every kernel, and the error names it.
+    assert_eq!(MAX_BAKED_CMDLINE, 1021);
+    let e = bake_to_vec(&k, b"", &"x".repeat(1022)).unwrap_err();
+    assert!(e.to_string().contains("at most 1021"), "{e}");
+    let both = Kernel::parse(tiny_vmlinux_with(Some(ENTRY), Some(PV_ENTRY))).unwrap();
+    assert!(bake_to_vec(&both, b"", &"x".repeat(MAX_BAKED_CMDLINE)).is_ok());
     assert!(matches!(
         bake_to_vec(&k, b"", "a\0b"),
         Err(BakeError::Cmdline { .. })
@@ -232,6 +325,10 @@ fn bakes_the_installed_kernel() {
     )
     .unwrap();
     assert_eq!(pvh_note(&out), layout.stub_paddr);
+    if let Some(vaddr) = layout.pv_stub_vaddr {
+        assert_eq!(xen_note(&out, XEN_ELFNOTE_ENTRY), vaddr);
+        assert_eq!(vaddr, layout.segment_vaddr + PV_STUB_OFFSET);
+    }
     assert_eq!(out.len() as u64, layout.file_len);
 }
 
@@ -240,7 +337,15 @@ mod vm;
 /// Damaged kernels give errors, never panics, from reading through planning and writing.
 #[test]
 fn damaged_kernels_never_panic() {
-    let good = tiny_vmlinux(Some(ENTRY));
+    for good in [
+        tiny_vmlinux(Some(ENTRY)),
+        tiny_vmlinux_with(Some(ENTRY), Some(PV_ENTRY)),
+    ] {
+        damaged_kernel_never_panics(good);
+    }
+}
+
+fn damaged_kernel_never_panics(good: Vec<u8>) {
     let mut inputs = Vec::new();
     for cut in (0..0x1200).step_by(7) {
         inputs.push(good[..cut].to_vec());

@@ -266,6 +266,13 @@ impl<'a> Elf<'a> {
     }
 }
 
+/// The notes in the bytes of one note segment or section.
+pub fn parse_note_bytes(data: &[u8]) -> Result<Vec<Note<'_>>, ElfError> {
+    let mut notes = Vec::new();
+    parse_notes(data, 0, data.len(), &mut notes)?;
+    Ok(notes)
+}
+
 fn align4(n: usize) -> Option<usize> {
     n.checked_add(3).map(|n| n & !3)
 }

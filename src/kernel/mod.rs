@@ -29,6 +29,17 @@ pub const KERNEL_ENV: &str = "OCI2UK_KERNEL";
 
 /// The Xen ELF note type giving the 32-bit PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`).
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// The Xen ELF note type giving the PV entry point, a virtual address (`XEN_ELFNOTE_ENTRY`).
+pub const XEN_ELFNOTE_ENTRY: u32 = 1;
+/// The Xen ELF note type giving the virtual address the image is mapped at
+/// (`XEN_ELFNOTE_VIRT_BASE`).
+pub const XEN_ELFNOTE_VIRT_BASE: u32 = 3;
+/// The Xen ELF note type giving `VIRT_BASE` minus the physical address of the first byte
+/// (`XEN_ELFNOTE_PADDR_OFFSET`).
+pub const XEN_ELFNOTE_PADDR_OFFSET: u32 = 4;
+/// `__START_KERNEL_map`: x86_64 Linux maps its image at this virtual address plus its physical
+/// address.
+pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 
 /// Errors of reading a kernel.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +224,8 @@ pub struct Kernel {
     vmlinux: Option<Vec<u8>>,
     /// The 32-bit PVH entry point, from the Xen note `XEN_ELFNOTE_PHYS32_ENTRY`.
     pvh_entry: Option<u32>,
+    /// The 64-bit Xen PV entry point (a virtual address), from `XEN_ELFNOTE_ENTRY`.
+    pv_entry: Option<u64>,
 }
 
 impl fmt::Debug for Kernel {
@@ -225,6 +238,7 @@ impl fmt::Debug for Kernel {
             .field("image_len", &self.image.len())
             .field("vmlinux_len", &self.vmlinux.as_ref().map(Vec::len))
             .field("pvh_entry", &self.pvh_entry)
+            .field("pv_entry", &self.pv_entry)
             .finish()
     }
 }
@@ -365,6 +379,7 @@ impl Kernel {
             }
         };
         let pvh_entry = pvh_entry(&parsed)?;
+        let pv_entry = pv_entry(&parsed)?;
         let version = version
             .or_else(|| banner_version(&vmlinux))
             .ok_or(KernelError::NoVersion)?;
@@ -376,6 +391,7 @@ impl Kernel {
             image,
             vmlinux: (machine == Machine::X86_64).then_some(vmlinux),
             pvh_entry,
+            pv_entry: pv_entry.filter(|_| machine == Machine::X86_64),
         })
     }
 
@@ -388,6 +404,7 @@ impl Kernel {
             image,
             vmlinux: None,
             pvh_entry: None,
+            pv_entry: None,
         })
     }
 
@@ -405,6 +422,13 @@ impl Kernel {
             Machine::Aarch64 => Err(KernelError::Arm64NotBakeable),
             Machine::X86_64 => self.pvh_entry.ok_or(KernelError::NoPvh),
         }
+    }
+
+    /// The 64-bit Xen PV entry point (`startup_xen`, a virtual address), when the kernel can
+    /// boot as a Xen PV guest and is mapped where the bake expects (`VIRT_BASE` =
+    /// `__START_KERNEL_map`, `PADDR_OFFSET` = 0, as every x86_64 Linux has it).
+    pub fn pv_entry(&self) -> Option<u64> {
+        self.pv_entry
     }
 
     /// The kernel's build configuration: the copy built in (`CONFIG_IKCONFIG`), else
@@ -540,6 +564,35 @@ fn pvh_entry(parsed: &Elf) -> Result<Option<u32>, KernelError> {
     u32::try_from(entry)
         .map(Some)
         .map_err(|_| KernelError::Elf(elf::ElfError(format!("PVH entry {entry:#x} above 4 GiB"))))
+}
+
+/// The PV entry from the Xen note `XEN_ELFNOTE_ENTRY` (Linux writes it with `_ASM_PTR`: 8
+/// bytes on x86_64). `None` when there is none, or when the kernel's notes place its image
+/// elsewhere than `__START_KERNEL_map + paddr`: the bake puts its PV entry at that address, and
+/// libxc's loader maps each segment at `VIRT_BASE - PADDR_OFFSET + paddr`.
+fn pv_entry(parsed: &Elf) -> Result<Option<u64>, KernelError> {
+    let notes = parsed.notes().map_err(KernelError::Elf)?;
+    let value = |kind: u32| {
+        notes
+            .iter()
+            .find(|n| n.name == b"Xen" && n.kind == kind)
+            .map(|n| match n.desc.len() {
+                4 => elf::u32_at(n.desc, 0).map(u64::from),
+                8 => elf::u64_at(n.desc, 0),
+                _ => None,
+            })
+    };
+    let Some(entry) = value(XEN_ELFNOTE_ENTRY) else {
+        return Ok(None);
+    };
+    let entry = entry.ok_or_else(|| {
+        KernelError::Elf(elf::ElfError(
+            "the Xen PV entry note has neither a 4- nor an 8-byte descriptor".into(),
+        ))
+    })?;
+    let standard = value(XEN_ELFNOTE_VIRT_BASE).is_none_or(|v| v == Some(START_KERNEL_MAP))
+        && value(XEN_ELFNOTE_PADDR_OFFSET).is_none_or(|v| v == Some(0));
+    Ok((standard && entry >= START_KERNEL_MAP).then_some(entry))
 }
 
 /// How the kernel was chosen.

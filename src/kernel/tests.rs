@@ -4,9 +4,24 @@ use super::*;
 
 /// A small vmlinux: one PT_LOAD segment holding a banner, the PVH note pointing into it.
 pub(crate) fn tiny_vmlinux(pvh: Option<u32>) -> Vec<u8> {
+    tiny_vmlinux_with(pvh, None)
+}
+
+/// [`tiny_vmlinux`] with, when `pv` is given, the Xen PV notes as Linux writes them: the entry
+/// (a virtual address), `VIRT_BASE` and `PADDR_OFFSET`.
+pub(crate) fn tiny_vmlinux_with(pvh: Option<u32>, pv: Option<u64>) -> Vec<u8> {
     let mut text = b"\x90\x90Linux version 6.1.0-99-test (builder@example) #1 SMP\n\0".to_vec();
     text.extend_from_slice(&sample(200_000));
     let mut notes = vec![("Xen", 6, b"linux\0".to_vec())];
+    if let Some(entry) = pv {
+        notes.push(("Xen", XEN_ELFNOTE_ENTRY, entry.to_le_bytes().to_vec()));
+        notes.push((
+            "Xen",
+            XEN_ELFNOTE_VIRT_BASE,
+            START_KERNEL_MAP.to_le_bytes().to_vec(),
+        ));
+        notes.push(("Xen", XEN_ELFNOTE_PADDR_OFFSET, 0u64.to_le_bytes().to_vec()));
+    }
     if let Some(entry) = pvh {
         notes.push((
             "Xen",
@@ -50,6 +65,27 @@ pub(crate) fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
     image.extend_from_slice(payload);
     image.extend_from_slice(&[0; 300]);
     image
+}
+
+#[test]
+fn reads_the_pv_entry() {
+    let k = Kernel::parse(tiny_vmlinux_with(
+        Some(0x100_0001),
+        Some(0xffff_ffff_8100_0040),
+    ))
+    .unwrap();
+    assert_eq!(k.pv_entry(), Some(0xffff_ffff_8100_0040));
+    assert_eq!(k.pvh_entry().unwrap(), 0x100_0001);
+    assert_eq!(
+        Kernel::parse(tiny_vmlinux(Some(0x100_0001)))
+            .unwrap()
+            .pv_entry(),
+        None
+    );
+    // A PV-only kernel: no PVH entry, a PV entry.
+    let k = Kernel::parse(tiny_vmlinux_with(None, Some(0xffff_ffff_8100_0040))).unwrap();
+    assert_eq!(k.pv_entry(), Some(0xffff_ffff_8100_0040));
+    assert!(matches!(k.pvh_entry(), Err(KernelError::NoPvh)));
 }
 
 #[test]
@@ -206,6 +242,9 @@ fn the_installed_kernel() {
     assert_eq!(banner_version(vmlinux).as_deref(), Some(k.version.as_str()));
     if let Ok(entry) = k.pvh_entry() {
         assert!(entry >= 0x100_0000, "{entry:#x}");
+    }
+    if let Some(entry) = k.pv_entry() {
+        assert!(entry >= START_KERNEL_MAP + 0x100_0000, "{entry:#x}");
     }
     if let Some(config) = k.config().unwrap() {
         assert!(config.initramfs_compressions().contains(&Compression::Gzip));
