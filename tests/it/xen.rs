@@ -79,8 +79,12 @@ fn host() -> &'static Host {
 /// A job's output and whether it exited 0.
 struct JobOut {
     ok: bool,
+    rc: i32,
     out: String,
 }
+
+/// A dom0 job's status for "the domain is gone".
+const GONE: i32 = 3;
 
 impl Host {
     fn alive(&self) -> bool {
@@ -107,7 +111,8 @@ impl Host {
     }
 
     /// Runs `script` with bash in dom0 (from `/share`) and waits for it, as `testxen/job.sh`
-    /// does; the job's files are removed once read.
+    /// does. The job's files stay: dom0 lists the jobs before it runs them, and would run a
+    /// removed one again.
     fn job(&self, label: &str, script: &str) -> JobOut {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -136,12 +141,10 @@ impl Host {
         }
         let rc = fs::read_to_string(file("rc")).unwrap();
         let out = fs::read_to_string(file("out")).unwrap_or_default();
-        // The script first: dom0 runs a job whose output is missing.
-        for ext in ["sh", "out", "rc"] {
-            let _ = fs::remove_file(file(ext));
-        }
+        let rc = rc.trim().parse().unwrap_or(-1);
         JobOut {
-            ok: rc.trim() == "0",
+            ok: rc == 0,
+            rc,
             out,
         }
     }
@@ -231,13 +234,19 @@ impl Domain {
             ),
         };
         // busybox's static `wget -T` crashes; `timeout` bounds it.
-        let script =
-            format!("{find}\necho \"address $addr\"\ntimeout 10 wget -q -O- \"http://$addr/\"\n");
+        let script = format!(
+            "xl list {name} >/dev/null 2>&1 || {{ echo gone; exit {GONE}; }}\n\
+             {find}\necho \"address $addr\"\ntimeout 10 wget -q -O- \"http://$addr/\"\n",
+            name = self.name
+        );
         let start = Instant::now();
         loop {
             let r = host().job("get", &script);
             if r.ok {
                 return r.out;
+            }
+            if r.rc == GONE {
+                self.fail("the domain ended before it served a page");
             }
             if start.elapsed() > BOOT_TIMEOUT {
                 self.fail(&format!(
