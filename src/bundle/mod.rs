@@ -9,15 +9,20 @@
 //!   qemu.sh               QEMU: KVM where it runs guests, software emulation otherwise
 //!   firecracker.json      Firecracker's --config-file
 //!   cloud-hypervisor.sh   Cloud Hypervisor
-//!   xen-pvh.cfg           xl.cfg(5), PVH: NAME.elf alone (written with NAME.elf only)
-//!   xen-pv.cfg            xl.cfg(5), classic PV: vmlinux + initrd
+//!   xen-pv.cfg            xl.cfg(5), classic PV: NAME.elf alone   } written with
+//!   xen-pvh.cfg           xl.cfg(5), PVH: NAME.elf alone          } NAME.elf only
+//!   xen.sh                Xen launcher: either, with -e K=V through Xenstore }
 //!   README                how to launch each
 //! ```
 //!
-//! The launch files name the files by relative paths: the scripts change to their own
-//! directory first; Firecracker and `xl` are started from the bundle directory. The launch
-//! files are rendered by [`crate::launch`], the QEMU script from the model `run` starts QEMU
-//! with.
+//! The scripts change to their own directory first and name the files relative to it;
+//! Firecracker is started from the bundle directory. `xl` resolves a relative path against its
+//! own working directory, so the xl configurations name the baked file by the bundle's final
+//! absolute path (relative only when that path cannot be written in an xl.cfg string), and
+//! `xen.sh` passes the path of its own directory to `xl`, so a moved bundle starts through it.
+//! There is no PV configuration from `vmlinux` + `initrd`: the baked file boots as PV itself,
+//! and `extra` appends to its command line. The launch files are rendered by [`crate::launch`],
+//! the QEMU script from the model `run` starts QEMU with.
 //!
 //! The directory is written beside the destination under a temporary name and renamed into
 //! place; an existing bundle is renamed away first and removed after, so a reader sees the
@@ -44,14 +49,16 @@ pub const FIRECRACKER: &str = "firecracker.json";
 pub const CLOUD_HYPERVISOR: &str = "cloud-hypervisor.sh";
 /// The Xen PVH configuration (with the baked file only).
 pub const XEN_PVH: &str = "xen-pvh.cfg";
-/// The Xen PV configuration.
+/// The Xen PV configuration (with the baked file only).
 pub const XEN_PV: &str = "xen-pv.cfg";
+/// The Xen launcher (with the baked file only).
+pub const XEN_LAUNCHER: &str = "xen.sh";
 /// The README.
 pub const README: &str = "README";
 
 pub use crate::launch::firecracker::{FIRECRACKER_ARGS, GUEST_MAC};
 pub use crate::launch::ports::{forwards, BadPort, Port, Proto};
-pub use crate::launch::xen::{XEN_ARGS, XEN_BRIDGE};
+pub use crate::launch::xen::{Mode as XenMode, XENSTORE_KEY, XEN_ARGS, XEN_BRIDGE};
 pub use crate::launch::TAP;
 
 /// Bytes in memory, or a file to copy.
@@ -191,21 +198,61 @@ pub fn cloud_hypervisor_script(parts: &BundleParts<'_>) -> String {
     launch::cloud_hypervisor::script(&guest(parts, &safe_name(&parts.name)))
 }
 
-/// The Xen PVH configuration: the baked file alone, Xen's console added.
-pub fn xen_pvh_cfg(parts: &BundleParts<'_>) -> String {
-    let name = safe_name(&parts.name);
-    launch::xen::pvh_cfg(&guest(parts, &name), &elf_name(&parts.name), XEN_PVH)
+/// The configuration's file name for `mode`.
+pub fn xen_cfg_name(mode: XenMode) -> &'static str {
+    match mode {
+        XenMode::Pv => XEN_PV,
+        XenMode::Pvh => XEN_PVH,
+    }
 }
 
-/// The Xen PV configuration: kernel and ramdisk, the whole command line with Xen's console.
-pub fn xen_pv_cfg(parts: &BundleParts<'_>) -> Result<String, BundleError> {
+/// A Xen configuration for `mode`: the baked file alone, Xen's console added. `dir` is the
+/// bundle's final absolute path, which the file names the baked file by; without one, or
+/// when an xl.cfg string cannot hold it, the file names it relative to the bundle, and works
+/// when `xl` is started there.
+pub fn xen_cfg(parts: &BundleParts<'_>, mode: XenMode, dir: Option<&Path>) -> String {
     let name = safe_name(&parts.name);
-    launch::xen::pv_cfg(&guest(parts, &name), XEN_PV)
-        .map_err(|e| BundleError::Cmdline { why: e.why })
+    let elf = elf_name(&parts.name);
+    let within = |file: &str| -> Option<String> {
+        let p = dir?.join(file);
+        let p = p.to_str()?;
+        launch::xen::xl_string(p).ok().map(|_| p.to_string())
+    };
+    let absolute = (
+        within(&elf),
+        within(xen_cfg_name(mode)),
+        within(XEN_LAUNCHER),
+    );
+    let (kernel, path, launcher) = match absolute {
+        (Some(k), Some(c), Some(l)) => (k, c, l),
+        _ => (
+            elf.clone(),
+            xen_cfg_name(mode).to_string(),
+            format!("./{XEN_LAUNCHER}"),
+        ),
+    };
+    let dom = launch::xen::Domain {
+        name: &name,
+        kernel: &kernel,
+        memory_mib: parts.memory_mib,
+        vcpus: parts.vcpus,
+    };
+    launch::xen::cfg(&dom, mode, &path, &launcher).expect("the paths were checked")
 }
 
-/// The README.
-pub fn readme(parts: &BundleParts<'_>) -> String {
+/// The Xen launcher: `xl create -p` from either configuration with the baked file in the
+/// script's own directory, `-e K=V` into Xenstore, `xl unpause`.
+pub fn xen_launcher(parts: &BundleParts<'_>) -> String {
+    launch::xen::launcher(
+        &safe_name(&parts.name),
+        &elf_name(&parts.name),
+        XenMode::ALL.map(xen_cfg_name),
+        XEN_LAUNCHER,
+    )
+}
+
+/// The README. `dir` is the bundle's final absolute path, as the Xen configurations name it.
+pub fn readme(parts: &BundleParts<'_>, dir: Option<&Path>) -> String {
     let name = safe_name(&parts.name);
     let mem = parts.memory_mib;
     let ports = if parts.ports.is_empty() {
@@ -219,17 +266,41 @@ pub fn readme(parts: &BundleParts<'_>) -> String {
     };
     let elf = match parts.elf {
         Some(_) => format!(
-            "  {elf:<20} the same, baked into one bootable PVH file (no initrd, no command line\n\
+            "  {elf:<20} the same, baked into one bootable file (no initrd, no command line\n\
              {pad}needed; what is appended to the command line comes after the baked one)\n",
             elf = elf_name(&parts.name),
             pad = " ".repeat(23),
         ),
         None => String::new(),
     };
-    let pvh = match parts.elf {
-        Some(_) => format!(
-            "Xen, PVH, the single file (from this directory):\n    xl create -c {XEN_PVH}\n\n"
-        ),
+    let xen = match parts.elf {
+        Some(_) => {
+            let cfg = |mode| {
+                let c = xen_cfg(parts, mode, dir);
+                // The path as the file names it (absolute unless it could not be written).
+                c.lines()
+                    .find_map(|l| l.strip_prefix("#   xl create -c "))
+                    .map(str::to_string)
+                    .unwrap_or_else(|| xen_cfg_name(mode).to_string())
+            };
+            let (pv, pvh) = (cfg(XenMode::Pv), cfg(XenMode::Pvh));
+            format!(
+                "Xen, in dom0 as root: {elf} boots alone, as a classic PV guest (any x86 Xen host)\n\
+                 or as a PVH guest (VT-x or AMD-V). The launcher starts it from wherever this\n\
+                 directory is; -e passes environment variables through the Xenstore key\n\
+                 {XENSTORE_KEY}, without a rebuild; ./{XEN_LAUNCHER} --help lists its options:\n\
+                 \x20   ./{XEN_LAUNCHER} -c                       PV, the console on this terminal\n\
+                 \x20   ./{XEN_LAUNCHER} --pvh -e KEY=VALUE       PVH, with KEY=VALUE in the environment\n\
+                 \x20   ./{XEN_LAUNCHER} -b br0 | --no-network    another bridge than {XEN_BRIDGE}, or none\n\
+                 or xl itself, from any directory (the files name {elf} by the path this\n\
+                 bundle was written to; after moving it, use the launcher):\n\
+                 \x20   xl create -c {pv}\n\
+                 \x20   xl create -c {pvh} 'vif=[\"bridge=br0\"]'\n\
+                 \x20   xl create -c {pv} 'vif=[]'\n\
+                 \n",
+                elf = elf_name(&parts.name),
+            )
+        }
         None => String::new(),
     };
     format!(
@@ -254,13 +325,9 @@ pub fn readme(parts: &BundleParts<'_>) -> String {
          Cloud Hypervisor (tap device {TAP}, or OCI2UK_TAP=NAME):\n\
          \x20   ./{CLOUD_HYPERVISOR}\n\
          \n\
-         {pvh}\
-         Xen, classic PV (from this directory):\n\
-         \x20   xl create -c {XEN_PV}\n\
-         \n\
+         {xen}\
          On Firecracker, Cloud Hypervisor and Xen the guest asks for its address by DHCP on its\n\
-         first interface; the launch files attach it to {TAP} or the bridge {XEN_BRIDGE}.\n\
-         The launch files name the files relative to this directory.\n"
+         first interface; the launch files attach it to {TAP} or the bridge {XEN_BRIDGE}.\n"
     )
 }
 
@@ -298,7 +365,11 @@ pub fn write_bundle(dir: &Path, parts: &BundleParts<'_>) -> Result<(), BundleErr
         .suffix(".new")
         .tempdir_in(parent)
         .map_err(werr(parent))?;
-    fill(tmp.path(), parts)?;
+    // The path the bundle will have, which the Xen configurations name the baked file by.
+    let final_dir = dir
+        .file_name()
+        .and_then(|n| Some(fs::canonicalize(parent).ok()?.join(n)));
+    fill(tmp.path(), parts, final_dir.as_deref())?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(werr(tmp.path()))?;
 
     if !exists {
@@ -329,8 +400,9 @@ pub fn write_bundle(dir: &Path, parts: &BundleParts<'_>) -> Result<(), BundleErr
     fs::remove_dir_all(&old).map_err(werr(&old))
 }
 
-/// Writes the bundle's files into the (new, empty) directory `dir`.
-fn fill(dir: &Path, parts: &BundleParts<'_>) -> Result<(), BundleError> {
+/// Writes the bundle's files into the (new, empty) directory `dir`, which will be renamed
+/// to `final_dir`.
+fn fill(dir: &Path, parts: &BundleParts<'_>, final_dir: Option<&Path>) -> Result<(), BundleError> {
     let blob = |name: &str, b: Blob<'_>| {
         let dest = dir.join(name);
         match b {
@@ -356,14 +428,16 @@ fn fill(dir: &Path, parts: &BundleParts<'_>) -> Result<(), BundleError> {
     blob(INITRD, parts.initrd)?;
     if let Some(elf) = parts.elf {
         blob(&elf_name(&parts.name), elf)?;
-        text(XEN_PVH, &xen_pvh_cfg(parts), 0o644)?;
+        for mode in XenMode::ALL {
+            text(xen_cfg_name(mode), &xen_cfg(parts, mode, final_dir), 0o644)?;
+        }
+        text(XEN_LAUNCHER, &xen_launcher(parts), 0o755)?;
     }
     text(CMDLINE, &format!("{}\n", parts.cmdline), 0o644)?;
     text(QEMU, &qemu_script(parts), 0o755)?;
     text(FIRECRACKER, &firecracker_json(parts), 0o644)?;
     text(CLOUD_HYPERVISOR, &cloud_hypervisor_script(parts), 0o755)?;
-    text(XEN_PV, &xen_pv_cfg(parts)?, 0o644)?;
-    text(README, &readme(parts), 0o644)?;
+    text(README, &readme(parts, final_dir), 0o644)?;
     Ok(())
 }
 

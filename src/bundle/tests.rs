@@ -47,6 +47,7 @@ fn the_bundle_holds_every_file() {
         ("web-nginx.elf", 0o644),
         ("xen-pv.cfg", 0o644),
         ("xen-pvh.cfg", 0o644),
+        ("xen.sh", 0o755),
     ]
     .into_iter()
     .map(|(n, m)| (n.to_string(), m))
@@ -56,7 +57,7 @@ fn the_bundle_holds_every_file() {
         files.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>()
     );
-    for s in ["qemu.sh", "cloud-hypervisor.sh"] {
+    for s in ["qemu.sh", "cloud-hypervisor.sh", "xen.sh"] {
         assert_eq!(files[s], 0o755, "{s}");
     }
     let meta = fs::metadata(&dir).unwrap();
@@ -73,18 +74,27 @@ fn the_bundle_holds_every_file() {
         readme.contains("80/tcp (host 127.0.0.1:8080 under QEMU)"),
         "{readme}"
     );
-    assert!(readme.contains("xl create -c xen-pvh.cfg"), "{readme}");
+    let abs = fs::canonicalize(&dir).unwrap();
+    for f in ["xen-pv.cfg", "xen-pvh.cfg"] {
+        let line = format!("xl create -c {}", abs.join(f).display());
+        assert!(readme.contains(&line), "{line} in:\n{readme}");
+    }
+    assert!(readme.contains("./xen.sh --pvh -e KEY=VALUE"), "{readme}");
     // Nothing but the bundle beside it.
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
 
-    // Without a baked file there is no PVH configuration.
+    // Without a baked file there is nothing for Xen to boot.
     let other = tmp.path().join("plain.bundle");
     write_bundle(&other, &parts(None)).unwrap();
     let files = listing(&other);
-    assert!(!files.contains_key("xen-pvh.cfg") && !files.contains_key("web-nginx.elf"));
-    assert!(!fs::read_to_string(other.join("README"))
-        .unwrap()
-        .contains("xen-pvh"));
+    for f in ["xen-pv.cfg", "xen-pvh.cfg", "xen.sh", "web-nginx.elf"] {
+        assert!(!files.contains_key(f), "{f}");
+    }
+    let readme = fs::read_to_string(other.join("README")).unwrap();
+    assert!(
+        !readme.contains("xen.sh") && !readme.contains("xen-pv"),
+        "{readme}"
+    );
 }
 
 #[test]
@@ -186,13 +196,20 @@ fn unquote(v: &str) -> &str {
 #[test]
 fn xl_configurations_follow_xl_cfg() {
     let p = parts(Some(b"baked"));
-    let pvh = parse_xl(&xen_pvh_cfg(&p));
-    let pv = parse_xl(&xen_pv_cfg(&p).unwrap());
+    let dir = Path::new("/srv/b x/web.bundle");
+    let pv_text = xen_cfg(&p, XenMode::Pv, Some(dir));
+    let pvh_text = xen_cfg(&p, XenMode::Pvh, Some(dir));
+    let pv = parse_xl(&pv_text);
+    let pvh = parse_xl(&pvh_text);
     for cfg in [&pvh, &pv] {
         for k in cfg.keys() {
             assert!(XL_KEYS.contains(&k.as_str()), "{k}");
         }
         assert_eq!(cfg["name"], "\"web-nginx\"");
+        // The baked file alone, by the bundle's absolute path: xl finds it from anywhere.
+        assert_eq!(cfg["kernel"], "\"/srv/b x/web.bundle/web-nginx.elf\"");
+        assert_eq!(cfg["extra"], "\"console=hvc0\"");
+        assert!(!cfg.contains_key("ramdisk") && !cfg.contains_key("cmdline"));
         assert_eq!(cfg["memory"], "288");
         assert_eq!(cfg["vcpus"], "1");
         assert_eq!(cfg["vif"], "[ 'bridge=xenbr0' ]");
@@ -200,35 +217,56 @@ fn xl_configurations_follow_xl_cfg() {
             assert_eq!(cfg[k], "\"destroy\"");
         }
     }
-    assert_eq!(pvh["type"], "\"pvh\"");
-    assert_eq!(pvh["kernel"], "\"web-nginx.elf\"");
-    assert_eq!(pvh["extra"], "\"console=hvc0\"");
-    assert!(!pvh.contains_key("ramdisk") && !pvh.contains_key("cmdline"));
     assert_eq!(pv["type"], "\"pv\"");
-    assert_eq!(pv["kernel"], "\"vmlinux\"");
-    assert_eq!(pv["ramdisk"], "\"initrd\"");
-    assert_eq!(
-        unquote(&pv["cmdline"]),
-        format!("{CMDLINE_TEXT} console=hvc0")
-    );
+    assert_eq!(pvh["type"], "\"pvh\"");
+    // The comments say how to name another bridge or go without a network, and what to do
+    // with a moved bundle.
+    for (text, file) in [(&pv_text, "xen-pv.cfg"), (&pvh_text, "xen-pvh.cfg")] {
+        for line in [
+            format!("#   xl create -c /srv/b x/web.bundle/{file}\n"),
+            format!("#   xl create -c /srv/b x/web.bundle/{file} 'vif=[\"bridge=br0\"]'\n"),
+            format!("#   xl create -c /srv/b x/web.bundle/{file} 'vif=[]'\n"),
+        ] {
+            assert!(text.contains(&line), "{line:?} in:\n{text}");
+        }
+        assert!(text.contains("/srv/b x/web.bundle/xen.sh"), "{text}");
+        assert!(text.contains("works from any directory"), "{text}");
+    }
 
-    // Quotes in the command line: single quotes around double ones; both cannot be written.
-    let mut q = parts(None);
-    q.cmdline = "a=\"b c\"".to_string();
-    assert_eq!(
-        parse_xl(&xen_pv_cfg(&q).unwrap())["cmdline"],
-        "'a=\"b c\" console=hvc0'"
-    );
-    q.cmdline = "a=\"b' c\"".to_string();
+    // A path that an xl string cannot hold, or none: relative names, said to work from the
+    // bundle's directory only.
+    for dir in [
+        Some(Path::new("/a\"b'c/web.bundle")),
+        Some(Path::new("/a\\b")),
+        None,
+    ] {
+        let text = xen_cfg(&p, XenMode::Pv, dir);
+        assert_eq!(parse_xl(&text)["kernel"], "\"web-nginx.elf\"", "{dir:?}");
+        assert!(text.contains("from this directory only"), "{text}");
+        assert!(text.contains("./xen.sh"), "{text}");
+    }
+
+    // The bundle written names its own final path.
     let tmp = tempfile::tempdir().unwrap();
-    let e = write_bundle(&tmp.path().join("q.bundle"), &q).unwrap_err();
-    assert!(matches!(e, BundleError::Cmdline { .. }), "{e}");
-    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing left");
+    let written = tmp.path().join("w.bundle");
+    write_bundle(&written, &p).unwrap();
+    let abs = fs::canonicalize(&written).unwrap();
+    for f in ["xen-pv.cfg", "xen-pvh.cfg"] {
+        let cfg = parse_xl(&fs::read_to_string(written.join(f)).unwrap());
+        assert_eq!(
+            unquote(&cfg["kernel"]),
+            abs.join("web-nginx.elf").to_str().unwrap()
+        );
+    }
+
+    // A line break in the command line cannot go into the command line's file.
+    let mut q = parts(None);
     q.cmdline = "a\nb".to_string();
     assert!(matches!(
         write_bundle(&tmp.path().join("q.bundle"), &q),
         Err(BundleError::Cmdline { .. })
     ));
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1, "nothing left");
 }
 
 fn have(tool: &str) -> bool {
@@ -247,14 +285,19 @@ fn scripts_pass_the_shells_and_shellcheck() {
     for (name, script) in [
         ("qemu.sh", qemu_script(&p)),
         ("cloud-hypervisor.sh", cloud_hypervisor_script(&p)),
+        ("xen.sh", xen_launcher(&p)),
     ] {
         let path = tmp.path().join(name);
         fs::write(&path, &script).unwrap();
-        for shell in ["bash", "dash", "sh"] {
+        for shell in ["bash", "dash", "sh", "busybox"] {
             if !have(shell) && shell != "sh" {
                 continue;
             }
-            let out = Command::new(shell).arg("-n").arg(&path).output().unwrap();
+            let mut cmd = Command::new(shell);
+            if shell == "busybox" {
+                cmd.arg("sh");
+            }
+            let out = cmd.arg("-n").arg(&path).output().unwrap();
             assert!(
                 out.status.success(),
                 "{shell} -n {name}: {}",
@@ -396,6 +439,221 @@ fn cloud_hypervisor_script_runs_it_as_documented() {
         &[("OCI2UK_TAP", "vm7")],
     );
     assert_eq!(after(&args, "--net"), "tap=vm7");
+}
+
+/// One run of a bundle's `xen.sh` against stand-ins for dom0's `xl` and `xenstore-write`.
+struct XenRun {
+    /// The calls, in order: the tool's name, then its arguments.
+    calls: Vec<Vec<String>>,
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl XenRun {
+    fn call(&self, tool: &str, first: &str) -> Option<&[String]> {
+        self.calls
+            .iter()
+            .find(|c| c[0] == tool && c.get(1).map(String::as_str) == Some(first))
+            .map(|c| &c[1..])
+    }
+}
+
+/// Runs `dir/xen.sh ARGS` from `/` with `shell` (`busybox` runs it with busybox's sh and
+/// awk, as a minimal dom0 would), `xl` and `xenstore-write` replaced by stand-ins that log
+/// their arguments; `xl domid` answers 7, and the call starting with `fail` (`"xl unpause"`)
+/// fails.
+fn run_xen(dir: &Path, shell: &str, args: &[&str], env: &[(&str, &str)], fail: &str) -> XenRun {
+    let bin = tempfile::tempdir().unwrap();
+    let log = bin.path().join("log");
+    let fake = "#!/bin/sh\n\
+                { printf '%s\\n' \"${0##*/}\" \"$@\"; echo ---; } >>\"$XEN_LOG\"\n\
+                case \"${0##*/} ${1:-}\" in \"$XEN_FAIL\"*) [ -n \"$XEN_FAIL\" ] && exit 1 ;; esac\n\
+                if [ \"${0##*/} ${1:-}\" = 'xl domid' ]; then echo 7; fi\n";
+    for tool in ["xl", "xenstore-write"] {
+        let f = bin.path().join(tool);
+        fs::write(&f, fake).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut cmd = Command::new(shell);
+    if shell == "busybox" {
+        std::os::unix::fs::symlink("/usr/bin/busybox", bin.path().join("awk"))
+            .or_else(|_| std::os::unix::fs::symlink("/bin/busybox", bin.path().join("awk")))
+            .unwrap();
+        cmd.arg("sh");
+    }
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.arg(dir.join("xen.sh"))
+        .args(args)
+        .current_dir("/")
+        .env("PATH", path)
+        .env("XEN_LOG", &log)
+        .env("XEN_FAIL", fail);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let calls = fs::read_to_string(&log)
+        .unwrap_or_default()
+        .split("---\n")
+        .filter(|c| !c.is_empty())
+        .map(|c| c.lines().map(str::to_string).collect())
+        .collect();
+    XenRun {
+        calls,
+        status: out.status,
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+#[test]
+fn xen_launcher_starts_the_domain_as_documented() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("b");
+    write_bundle(&first, &parts(Some(b"baked"))).unwrap();
+    // Moved after it was written: the launcher names the baked file where it is now.
+    let dir = fs::canonicalize(tmp.path()).unwrap().join("moved 'here'");
+    fs::rename(&first, &dir).unwrap();
+    let d = dir.display();
+    let shells: Vec<&str> = ["sh", "dash", "bash", "busybox"]
+        .into_iter()
+        .filter(|s| *s == "sh" || have(s))
+        .collect();
+    // Every kind of byte a value may hold, escaped as JSON wants it.
+    let odd = "q\"uote \\back\nline\ttab\u{1}ctl é $(touch /tmp/x) `x` 'single'";
+    for shell in shells {
+        let r = run_xen(
+            &dir,
+            shell,
+            &[
+                "-e",
+                "A=1",
+                "-e",
+                &format!("ODD={odd}"),
+                "-e",
+                "FROM_ENV",
+                "-e",
+                "UNSET_HERE",
+                "-e",
+                "EQ=a=b",
+                "-e",
+                "EMPTY=",
+                "-e",
+                "A=2",
+                "vcpus=2",
+            ],
+            &[("FROM_ENV", "it's \"mine\"")],
+            "",
+        );
+        assert!(r.status.success(), "{shell}: {}", r.stderr);
+        let names: Vec<String> = r.calls.iter().map(|c| c[..2].join(" ")).collect();
+        assert_eq!(
+            names,
+            ["xl create", "xl domid", "xenstore-write -R", "xl unpause"],
+            "{shell}"
+        );
+        assert_eq!(
+            r.call("xl", "create").unwrap(),
+            [
+                "create".to_string(),
+                "-p".into(),
+                format!("{d}/xen-pv.cfg"),
+                format!("kernel=\"{d}/web-nginx.elf\""),
+                "name=\"web-nginx\"".into(),
+                "vcpus=2".into(),
+            ],
+            "{shell}: PV by default, the user's settings last"
+        );
+        assert_eq!(r.call("xl", "domid").unwrap(), ["domid", "web-nginx"]);
+        let write = r.call("xenstore-write", "-R").unwrap();
+        assert_eq!(write[1], "/local/domain/7/oci2uk/config");
+        let json = &write[2];
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{shell}: {json}: {e}"));
+        assert_eq!(
+            v,
+            serde_json::json!({"env": {
+                "A": "2",
+                "ODD": odd,
+                "FROM_ENV": "it's \"mine\"",
+                "EQ": "a=b",
+                "EMPTY": "",
+            }}),
+            "{shell}: {json}"
+        );
+        assert_eq!(r.call("xl", "unpause").unwrap(), ["unpause", "7"]);
+        assert_eq!(r.stdout, "7\n", "{shell}: prints the domain's id");
+
+        // PVH, another bridge, memory, name; no -e, so no Xenstore key.
+        let r = run_xen(
+            &dir,
+            shell,
+            &["--pvh", "-b", "br0", "-m", "512", "-n", "web-2"],
+            &[],
+            "",
+        );
+        assert!(r.status.success(), "{shell}: {}", r.stderr);
+        assert_eq!(
+            r.call("xl", "create").unwrap()[2..],
+            [
+                format!("{d}/xen-pvh.cfg"),
+                format!("kernel=\"{d}/web-nginx.elf\""),
+                "name=\"web-2\"".into(),
+                "memory=512".into(),
+                "vif=['bridge=br0']".into(),
+            ]
+        );
+        assert!(r.calls.iter().all(|c| c[0] != "xenstore-write"));
+        assert_eq!(r.call("xl", "domid").unwrap(), ["domid", "web-2"]);
+
+        // No network; the console attached after the unpause.
+        let r = run_xen(&dir, shell, &["--no-network", "-c"], &[], "");
+        assert!(r.status.success(), "{shell}: {}", r.stderr);
+        assert!(r.call("xl", "create").unwrap().contains(&"vif=[]".into()));
+        assert_eq!(r.calls.last().unwrap(), &["xl", "console", "7"]);
+        assert_eq!(r.stdout, "");
+
+        // A failure once the domain exists destroys it; before, nothing is destroyed.
+        for fail in ["xl domid", "xenstore-write", "xl unpause"] {
+            let r = run_xen(&dir, shell, &["-e", "A=1"], &[], fail);
+            assert!(!r.status.success(), "{shell}: {fail}");
+            assert_eq!(
+                r.calls.last().unwrap(),
+                &["xl", "destroy", "web-nginx"],
+                "{shell}: {fail}"
+            );
+            assert!(r.call("xl", "unpause").is_none() || fail == "xl unpause");
+        }
+        let r = run_xen(&dir, shell, &[], &[], "xl create");
+        assert!(!r.status.success());
+        assert_eq!(r.calls.len(), 1, "{shell}: {:?}", r.calls);
+
+        // Bad flags: a clear message, status 2, and xl never runs.
+        for bad in [
+            &["-e", "=x"][..],
+            &["-e"],
+            &["-b", "a b"],
+            &["-m", "1G"],
+            &["-n", "a/b"],
+            &["--bogus"],
+        ] {
+            let r = run_xen(&dir, shell, bad, &[], "");
+            assert_eq!(r.status.code(), Some(2), "{shell} {bad:?}: {}", r.stderr);
+            assert!(
+                r.stderr.contains("xen.sh: "),
+                "{shell} {bad:?}: {}",
+                r.stderr
+            );
+            assert!(r.calls.is_empty(), "{shell} {bad:?}");
+        }
+        let r = run_xen(&dir, shell, &["--help"], &[], "");
+        assert!(r.status.success() && r.stdout.starts_with("usage: xen.sh"));
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //!   [`qemu::Qemu`].
 //! - [`firecracker`]: Firecracker's `--config-file` JSON.
 //! - [`cloud_hypervisor`]: a script that starts Cloud Hypervisor.
-//! - [`xen`]: xl.cfg(5) files, PVH and classic PV.
+//! - [`xen`]: xl.cfg(5) files (the baked file as PV or PVH) and the dom0 launcher `xen.sh`.
 //! - [`ports`]: exposed ports and host-to-guest forwards.
 //!
 //! Nothing here starts a process or writes a file: the renderers return text or arguments.
