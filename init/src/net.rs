@@ -237,6 +237,44 @@ fn natural_key(name: &str) -> (String, u64) {
     (stem.to_owned(), num.parse().unwrap_or(0))
 }
 
+/// How long Xen's network frontends may take to appear: netfront registers an interface only
+/// once its backend in dom0 has connected, which takes seconds under nested emulation.
+const XEN_APPEAR: Duration = Duration::from_secs(15);
+
+/// Waits (at most [`XEN_APPEAR`]) until every network device the domain was given
+/// (`/sys/bus/xen/devices/vif-N`, there from boot) has its interface, so that DHCP and static
+/// addresses find it. A domain without one does not wait.
+pub fn wait_for_xen_vifs() {
+    let Ok(dir) = fs::read_dir("/sys/bus/xen/devices") else {
+        return;
+    };
+    let vifs: Vec<_> = dir
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vif-"))
+        .map(|e| e.path())
+        .collect();
+    if vifs.is_empty() {
+        return;
+    }
+    let has_interface =
+        |vif: &Path| fs::read_dir(vif.join("net")).is_ok_and(|mut d| d.next().is_some());
+    let deadline = Instant::now() + XEN_APPEAR;
+    while !vifs.iter().all(|v| has_interface(v)) {
+        if Instant::now() >= deadline {
+            for v in vifs.iter().filter(|v| !has_interface(v)) {
+                warn(&format!(
+                    "the Xen network device {} has no interface after {} s",
+                    v.file_name().unwrap_or_default().to_string_lossy(),
+                    XEN_APPEAR.as_secs()
+                ));
+            }
+            return;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    step(|| format!("{} Xen network interfaces ready", vifs.len()));
+}
+
 fn wait_for(name: &str) -> bool {
     let path = Path::new("/sys/class/net").join(name);
     let deadline = Instant::now() + APPEAR;

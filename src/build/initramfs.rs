@@ -1,16 +1,19 @@
 //! The initramfs of a build: from the cache when an earlier build made it, else flattened,
 //! planned and written into the cache under its key.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::path::PathBuf;
 
+use oci2uk_config::guest::DRIVERS;
+
 use crate::cache::{Hasher, RootfsEntry};
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, Lookup, Module};
 use crate::output::sink::set_default_mode;
 use crate::{plan, rootfs};
 
 use super::keys::{self, RootfsInputs};
-use super::{BuildError, Job, BAKED_ROOTFS, GUEST_MODULES};
+use super::{BuildError, Job, BAKED_ROOTFS};
 
 /// An initramfs ready to bake: a verified blob of the cache, its digest and length, the guest
 /// memory the image needs, and the key it is kept under (none when the build cannot be keyed).
@@ -28,19 +31,35 @@ impl Job {
     /// recorded under its key.
     pub(super) fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         let modules = kernel.modules(self.req.modules.as_deref())?;
-        let wanted: Vec<&str> = GUEST_MODULES
-            .iter()
-            .chain(self.req.rootfs.modules())
-            .copied()
-            .collect();
-        let needed = modules.closure(&wanted).map_err(BuildError::Modules)?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
-        let mut module_paths = Vec::new();
-        for m in &needed {
-            let ko = modules.read(m).map_err(BuildError::Modules)?;
-            extras.push(rootfs::Extra::module(&m.name, ko));
-            module_paths.push(rootfs::module_path(&m.name));
+        let mut packed = BTreeSet::new();
+        let mut pack = |needed: Vec<Module>| -> Result<Vec<String>, BuildError> {
+            let mut paths = Vec::new();
+            for m in needed {
+                if packed.insert(m.name.clone()) {
+                    let ko = modules.read(&m).map_err(BuildError::Modules)?;
+                    extras.push(rootfs::Extra::module(&m.name, ko));
+                }
+                paths.push(rootfs::module_path(&m.name));
+            }
+            Ok(paths)
+        };
+        // Every driver goes in, for every platform: one file boots on QEMU and on Xen, and
+        // the init loads the ones that serve where it runs. A kernel without a driver (no
+        // Xen support, say) makes guests without that device.
+        let mut drivers = BTreeMap::new();
+        for d in DRIVERS {
+            if let Lookup::Missing = modules.lookup(d.name) {
+                tracing::debug!(driver = d.name, "the kernel has no such module");
+                continue;
+            }
+            let needed = modules.closure(&[d.name]).map_err(BuildError::Modules)?;
+            drivers.insert(d.name.to_owned(), pack(needed)?);
         }
+        let needed = modules
+            .closure(self.req.rootfs.modules())
+            .map_err(BuildError::Modules)?;
+        let module_paths = pack(needed)?;
         let opts = rootfs::RootfsOptions {
             codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
             level: None,
@@ -79,6 +98,7 @@ impl Job {
             machine: kernel.machine,
             name: self.req.source.name(),
             modules: module_paths,
+            drivers,
             kernel: Some(kernel.version.clone()),
         };
         let config = plan::plan(&self.img, &tree, &self.req.overrides, &target)?;
