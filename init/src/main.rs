@@ -157,10 +157,7 @@ fn boot() -> Result<sys::Exit, Error> {
     if let Err(e) = sys::sethostname(&hostname) {
         console::warn(&format!("setting the host name {hostname:?}: {e}"));
     }
-    if platform == Platform::Xen {
-        net::wait_for_xen_vifs();
-    }
-    let net = net::setup(config.net.as_ref(), config.hostname.as_deref());
+    let net = net::setup(config.net.as_ref(), config.hostname.as_deref(), platform);
     fs::write_etc(&hostname, net.addr.as_deref(), &net.dns, &net.search);
     step(|| "network and /etc done".into());
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use oci2uk_config::guest::Platform;
 use oci2uk_config::{Addr, Family, Interface, Method, Net};
 
 use crate::console::{step, warn};
@@ -29,7 +30,14 @@ const APPEAR: Duration = Duration::from_secs(2);
 
 /// Sets the network up as `net` says; `None` means DHCP on the first Ethernet interface.
 /// Problems are warnings: the application may not need the network.
-pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
+pub fn setup(net: Option<&Net>, hostname: Option<&str>, platform: Platform) -> Outcome {
+    let dhcp_budget = match platform {
+        Platform::Xen => {
+            wait_for_xen_vifs();
+            dhcp::XEN_BUDGET
+        }
+        Platform::Virtio => dhcp::BUDGET,
+    };
     let mut out = Outcome::default();
     let sock = match IoctlSocket::new(libc::AF_INET) {
         Ok(s) => s,
@@ -91,7 +99,7 @@ pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
         for a in &iface.addrs {
             match (a.family, a.method) {
                 (Family::Inet, Method::Dhcp) => {
-                    let Some(lease) = run_dhcp(&sock, name, hostname) else {
+                    let Some(lease) = run_dhcp(&sock, name, hostname, dhcp_budget) else {
                         continue;
                     };
                     if let Some(ip) = lease.addr {
@@ -148,7 +156,12 @@ pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
     out
 }
 
-fn run_dhcp(sock: &IoctlSocket, name: &str, hostname: Option<&str>) -> Option<dhcp::Lease> {
+fn run_dhcp(
+    sock: &IoctlSocket,
+    name: &str,
+    hostname: Option<&str>,
+    budget: Duration,
+) -> Option<dhcp::Lease> {
     let mac = match sock.hwaddr(name) {
         Ok(m) => m,
         Err(e) => {
@@ -158,7 +171,7 @@ fn run_dhcp(sock: &IoctlSocket, name: &str, hostname: Option<&str>) -> Option<dh
             return None;
         }
     };
-    let lease = match dhcp::run(name, mac, hostname) {
+    let lease = match dhcp::run(name, mac, hostname, budget) {
         Ok(Some(l)) => l,
         Ok(None) => {
             warn(&format!("DHCP on {name}: no answer"));
@@ -244,7 +257,7 @@ const XEN_APPEAR: Duration = Duration::from_secs(15);
 /// Waits (at most [`XEN_APPEAR`]) until every network device the domain was given
 /// (`/sys/bus/xen/devices/vif-N`, there from boot) has its interface, so that DHCP and static
 /// addresses find it. A domain without one does not wait.
-pub fn wait_for_xen_vifs() {
+fn wait_for_xen_vifs() {
     let Ok(dir) = fs::read_dir("/sys/bus/xen/devices") else {
         return;
     };

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use oci2uk_config::guest::DRIVERS;
 
 use crate::cache::{Hasher, RootfsEntry};
-use crate::kernel::{Kernel, Lookup, Module};
+use crate::kernel::{Kernel, Lookup, Module, Modules};
 use crate::output::sink::set_default_mode;
 use crate::{plan, rootfs};
 
@@ -44,17 +44,9 @@ impl Job {
             }
             Ok(paths)
         };
-        // Every driver goes in, for every platform: one file boots on QEMU and on Xen, and
-        // the init loads the ones that serve where it runs. A kernel without a driver (no
-        // Xen support, say) makes guests without that device.
         let mut drivers = BTreeMap::new();
-        for d in DRIVERS {
-            if let Lookup::Missing = modules.lookup(d.name) {
-                tracing::debug!(driver = d.name, "the kernel has no such module");
-                continue;
-            }
-            let needed = modules.closure(&[d.name]).map_err(BuildError::Modules)?;
-            drivers.insert(d.name.to_owned(), pack(needed)?);
+        for (name, needed) in driver_modules(&modules)? {
+            drivers.insert(name.to_owned(), pack(needed)?);
         }
         let needed = modules
             .closure(self.req.rootfs.modules())
@@ -150,6 +142,25 @@ impl Job {
     }
 }
 
+/// The modules of each device driver in the contract, with their dependencies, in load order.
+///
+/// Every driver goes in, for every platform: one file boots on QEMU and on Xen, and the init
+/// loads the ones that serve where it runs. A driver built into the kernel has nothing to
+/// load; a kernel without a driver at all (no Xen support, say) makes guests without that
+/// device.
+fn driver_modules(modules: &Modules) -> Result<Vec<(&'static str, Vec<Module>)>, BuildError> {
+    let mut out = Vec::new();
+    for d in DRIVERS {
+        if let Lookup::Missing = modules.lookup(d.name) {
+            tracing::debug!(driver = d.name, "the kernel has no such module");
+            continue;
+        }
+        let needed = modules.closure(&[d.name]).map_err(BuildError::Modules)?;
+        out.push((d.name, needed));
+    }
+    Ok(out)
+}
+
 /// Hashes what passes through to a writer.
 struct HashingWriter<W> {
     inner: W,
@@ -165,5 +176,42 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn names(m: &Modules) -> Vec<(&'static str, Vec<String>)> {
+        driver_modules(m)
+            .unwrap()
+            .into_iter()
+            .map(|(d, list)| (d, list.into_iter().map(|m| m.name).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn drivers_built_in_or_absent_have_nothing_to_load() {
+        let dep = "kernel/drivers/net/xen-netfront.ko:\n\
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+kernel/drivers/virtio/virtio_ring.ko:\n\
+kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n";
+        let builtin = "kernel/drivers/block/xen-blkfront.ko\nkernel/drivers/virtio/virtio_pci.ko\n";
+        let got = names(&Modules::parse(Path::new("/m"), dep, builtin));
+        assert_eq!(
+            got,
+            [
+                ("virtio_pci", vec![]),
+                (
+                    "virtio_net",
+                    vec!["virtio_ring".into(), "virtio".into(), "virtio_net".into()]
+                ),
+                ("xen_netfront", vec!["xen_netfront".into()]),
+                ("xen_blkfront", vec![]),
+            ]
+        );
     }
 }
