@@ -31,7 +31,9 @@ pub use model::{
     RunMode, User,
 };
 pub use normalize::normalize;
-pub use overlay::{decode_override, encode_override, find_override, load, merge, parse};
+pub use overlay::{
+    decode_override, encode_override, find_override, load, load_layers, merge, parse, LayerError,
+};
 pub use signal::{parse_signal, signal_name};
 pub use words::split_words;
 

@@ -305,6 +305,12 @@ pub struct Oci2uk {
     /// `modules.dep`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<String>,
+    /// The device drivers' modules, by driver name (`xen_netfront`), each list in load order
+    /// with the driver's dependencies first, in the forms `modules` accepts. The init loads
+    /// those of the drivers that serve where it runs (`guest::DRIVERS` says which), before
+    /// `modules`; a driver built into the kernel has an empty list.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drivers: BTreeMap<String, Vec<String>>,
     /// The image the guest was built from, as the user named it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image: Option<String>,
@@ -457,6 +463,16 @@ impl Config {
         for (i, m) in self.oci2uk.modules.iter().enumerate() {
             if m.is_empty() || m.contains('\0') {
                 return Err(Error::invalid(format!("oci2uk.modules[{i}]"), "is empty"));
+            }
+        }
+        for (name, list) in &self.oci2uk.drivers {
+            for (i, m) in list.iter().enumerate() {
+                if m.is_empty() || m.contains('\0') {
+                    return Err(Error::invalid(
+                        format!("oci2uk.drivers.{name}[{i}]"),
+                        "is empty",
+                    ));
+                }
             }
         }
         Ok(())

@@ -51,16 +51,32 @@ pub fn parse(text: &str) -> Result<Config> {
 
 /// The baked configuration with an override (the JSON text of `oci2uk.config`) merged over it.
 pub fn load(baked: &str, over: Option<&str>) -> Result<Config> {
-    let base = normalize_text(baked, false)?.value;
-    let Some(over) = over else {
-        return Config::from_value(base);
-    };
-    let over = normalize_text(over, true)?;
-    let mut merged = merge(base, over.value);
-    if let Some(words) = over.cmdline {
-        set_main_command(&mut merged, words);
+    load_layers(baked, over.as_slice()).map_err(|e| e.error)
+}
+
+/// Which text a configuration error is about: [`load_layers`]'s error.
+#[derive(Debug)]
+pub struct LayerError {
+    /// The override (its index) that is not a valid override by itself, or `None` when the
+    /// baked configuration is wrong or the merged result does not validate.
+    pub layer: Option<usize>,
+    /// What is wrong.
+    pub error: Error,
+}
+
+/// The baked configuration with overrides merged over it in order: a later one wins. The
+/// init's order is the command line's `oci2uk.config=`, then Xenstore's `oci2uk/config`.
+pub fn load_layers(baked: &str, overs: &[&str]) -> std::result::Result<Config, LayerError> {
+    let at = |layer| move |error| LayerError { layer, error };
+    let mut merged = normalize_text(baked, false).map_err(at(None))?.value;
+    for (i, over) in overs.iter().enumerate() {
+        let over = normalize_text(over, true).map_err(at(Some(i)))?;
+        merged = merge(merged, over.value);
+        if let Some(words) = over.cmdline {
+            set_main_command(&mut merged, words);
+        }
     }
-    Config::from_value(merged)
+    Config::from_value(merged).map_err(at(None))
 }
 
 fn set_main_command(config: &mut Value, words: Vec<String>) {
@@ -236,5 +252,34 @@ mod tests {
         assert_eq!(c.env.len(), 2);
         assert_eq!(c.env["A"], "1");
         assert_eq!(c.env["C"], "3");
+    }
+
+    #[test]
+    fn later_layers_win_and_errors_name_their_layer() {
+        let baked = r#"{"rc": [{"bin": "/app"}], "env": {"A": "baked", "B": "baked", "C": "baked"},
+                        "oci2uk": {"drivers": {"xen_netfront": ["/m/xen-netfront.ko"]}}}"#;
+        let cmdline = r#"{"env": {"B": "cmdline", "C": "cmdline"}}"#;
+        let xenstore = r#"{"env": {"C": "xenstore"}, "cmdline": "/bin/sh -c true"}"#;
+        let c = load_layers(baked, &[cmdline, xenstore]).unwrap();
+        assert_eq!(c.env["A"], "baked");
+        assert_eq!(c.env["B"], "cmdline");
+        assert_eq!(c.env["C"], "xenstore");
+        assert_eq!(c.main().unwrap().bin, "/bin/sh");
+        assert_eq!(c.oci2uk.drivers["xen_netfront"], ["/m/xen-netfront.ko"]);
+        assert_eq!(load_layers(baked, &[]).unwrap().env["C"], "baked");
+
+        let e = load_layers(baked, &[cmdline, "{\"env\": "]).unwrap_err();
+        assert_eq!(e.layer, Some(1));
+        assert!(matches!(e.error, Error::Json(_)), "{:?}", e.error);
+        let e = load_layers(baked, &["[1]", xenstore]).unwrap_err();
+        assert_eq!(e.layer, Some(0));
+        // A merged result that does not validate is nobody's alone.
+        let e = load_layers(baked, &[r#"{"oci2uk": {"drivers": {"x": [""]}}}"#]).unwrap_err();
+        assert_eq!(e.layer, None);
+        assert!(
+            e.error.to_string().contains("oci2uk.drivers.x[0]"),
+            "{}",
+            e.error
+        );
     }
 }

@@ -19,8 +19,13 @@ const NAK: u8 = 6;
 
 /// How often a request is sent again when no answer came.
 const RETRY: Duration = Duration::from_millis(250);
-/// How long the whole exchange may take.
-const BUDGET: Duration = Duration::from_secs(4);
+/// How long the whole exchange may take where the server answers at once (QEMU's user
+/// network, a host's dnsmasq).
+pub const BUDGET: Duration = Duration::from_secs(4);
+/// The same on Xen, where the server sits on dom0's bridge: the guest's port joins the bridge
+/// only when dom0's hotplug script has run, which can take seconds after the interface came
+/// up, and a server may probe an address (busybox udhcpd: ARP, up to 2 s) before offering it.
+pub const XEN_BUDGET: Duration = Duration::from_secs(20);
 
 /// What the server gave.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -155,12 +160,17 @@ pub fn parse(p: &[u8], mac: [u8; 6]) -> Option<Reply> {
 }
 
 /// Runs the exchange on `ifname` (which must be up). `None` when no server answered in time.
-pub fn run(ifname: &str, mac: [u8; 6], hostname: Option<&str>) -> std::io::Result<Option<Lease>> {
+pub fn run(
+    ifname: &str,
+    mac: [u8; 6],
+    hostname: Option<&str>,
+    budget: Duration,
+) -> std::io::Result<Option<Lease>> {
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;
     sys::bind_to_device(&sock, ifname)?;
     sock.set_broadcast(true)?;
     let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
-    let deadline = Instant::now() + BUDGET;
+    let deadline = Instant::now() + budget;
     let xid = sys::random_u32();
 
     let discover = build(DISCOVER, xid, mac, None, hostname);

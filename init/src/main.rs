@@ -1,7 +1,8 @@
 //! PID 1 of an oci2uk guest.
 //!
 //! Mounts the kernel's file systems, reads `/rumpconfig.json` with the `oci2uk.config=`
-//! override from the kernel command line, loads the listed modules, makes a read-only root
+//! override from the kernel command line and, on Xen, the domain's Xenstore key
+//! `oci2uk/config`, loads the drivers that serve where it runs and the listed modules, makes a read-only root
 //! image (when the initramfs has one) the root under a tmpfs overlay, mounts the volumes, sets
 //! up the network and /etc, then runs the application with its identity, environment and
 //! working directory, forwards signals, reaps zombies, and when the application ends prints
@@ -22,11 +23,15 @@ mod net;
 mod root;
 mod sys;
 mod sysctl;
+mod xenstore;
 
 use std::time::Duration;
 
-use oci2uk_config::guest::{CONFIG_PATH, DEBUG_PARAM, ROOT_IMAGE_PATH, UNPACKED_PATH};
-use oci2uk_config::{find_override, kernel_params, Config, StatusLine};
+use oci2uk_config::guest::{
+    Platform, CONFIG_PATH, DEBUG_PARAM, HYPERVISOR_TYPE_PATH, ROOT_IMAGE_PATH, UNPACKED_PATH,
+    XENSTORE_OVERRIDE_KEY,
+};
+use oci2uk_config::{find_override, kernel_params, Config, MountSource, StatusLine};
 
 use crate::console::step;
 
@@ -111,7 +116,13 @@ fn boot() -> Result<sys::Exit, Error> {
     }
     let mut sup = app::Supervisor::new().map_err(|e| Error::io("catching signals", e))?;
 
-    let config = load_config(&cmdline)?;
+    let platform = Platform::from_hypervisor_type(
+        std::fs::read_to_string(HYPERVISOR_TYPE_PATH)
+            .ok()
+            .as_deref(),
+    );
+    step(|| format!("running on {platform:?}"));
+    let config = load_config(&cmdline, platform)?;
     if config.oci2uk.debug {
         console::set_debug(true);
     }
@@ -121,10 +132,12 @@ fn boot() -> Result<sys::Exit, Error> {
         Duration::from_secs(config.oci2uk.stop_timeout.unwrap_or(10).into()),
     );
 
-    for problem in modules::load_all(&config.oci2uk.modules) {
+    let has_blk = config.mount.values().any(|m| m.source == MountSource::Blk);
+    let wanted = modules::wanted(&config.oci2uk, platform, has_blk);
+    for problem in modules::load_all(&wanted) {
         console::warn(&problem);
     }
-    step(|| format!("{} modules loaded", config.oci2uk.modules.len()));
+    step(|| format!("{} modules loaded", wanted.len()));
     // A read-only root image (`--rootfs squashfs`) becomes the root, with an overlay for
     // writes, before anything is mounted or written for the application.
     if root::present() {
@@ -146,7 +159,7 @@ fn boot() -> Result<sys::Exit, Error> {
     if let Err(e) = sys::sethostname(&hostname) {
         console::warn(&format!("setting the host name {hostname:?}: {e}"));
     }
-    let net = net::setup(config.net.as_ref(), config.hostname.as_deref());
+    let net = net::setup(config.net.as_ref(), config.hostname.as_deref(), platform);
     fs::write_etc(&hostname, net.addr.as_deref(), &net.dns, &net.search);
     step(|| "network and /etc done".into());
 
@@ -155,22 +168,67 @@ fn boot() -> Result<sys::Exit, Error> {
     app::run(&config, &mut sup)
 }
 
-fn load_config(cmdline: &str) -> Result<Config, Error> {
+/// How long xenstored may take to answer: it runs in dom0, which may be busy starting other
+/// domains, but a guest must not hang at boot when it never answers.
+const XENSTORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The baked configuration with the overrides merged over it: the command line's
+/// `oci2uk.config=`, then (on Xen) the Xenstore key. Xenstore wins because it is the most
+/// specific: the launcher writes it for this one domain just before unpausing it, while the
+/// command line is the file's (baked at build time) plus the launch file's `extra`, shared by
+/// every domain started from that file. rumprun read its configuration from Xenstore too.
+fn load_config(cmdline: &str, platform: Platform) -> Result<Config, Error> {
     let baked = std::fs::read_to_string(CONFIG_PATH)
         .map_err(|e| Error::io(format!("reading {CONFIG_PATH}"), e))?;
-    let over = match find_override(cmdline) {
-        Some(v) => {
-            Some(oci2uk_config::decode_override(&v).map_err(|e| Error::new(127, chain(&e)))?)
+    let mut layers: Vec<(String, String)> = Vec::new();
+    if let Some(v) = find_override(cmdline) {
+        let json = oci2uk_config::decode_override(&v).map_err(|e| Error::new(127, chain(&e)))?;
+        layers.push(("the oci2uk.config override".into(), json));
+    }
+    if platform == Platform::Xen {
+        if let Some(json) = xenstore_override()? {
+            layers.push((
+                format!("the Xenstore override {XENSTORE_OVERRIDE_KEY}"),
+                json,
+            ));
         }
-        None => None,
-    };
-    oci2uk_config::load(&baked, over.as_deref()).map_err(|e| {
-        let which = if over.is_some() {
-            format!("{CONFIG_PATH} with the oci2uk.config override")
-        } else {
-            CONFIG_PATH.to_owned()
+    }
+    let texts: Vec<&str> = layers.iter().map(|(_, t)| t.as_str()).collect();
+    oci2uk_config::load_layers(&baked, &texts).map_err(|e| {
+        let which = match e.layer {
+            Some(i) => layers[i].0.clone(),
+            None if layers.is_empty() => CONFIG_PATH.to_owned(),
+            None => {
+                let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
+                format!("{CONFIG_PATH} with {}", names.join(" and "))
+            }
         };
-        Error::new(127, format!("{which}: {}", chain(&e)))
+        Error::new(127, format!("{which}: {}", chain(&e.error)))
+    })
+}
+
+/// The domain's `oci2uk/config` key: `None` when it is not there (most guests) or there is no
+/// xenbus device; an error when it cannot be read or is not text.
+fn xenstore_override() -> Result<Option<String>, Error> {
+    if !std::path::Path::new(xenstore::DEVICE).exists() {
+        step(|| format!("no {}: no Xenstore override", xenstore::DEVICE));
+        return Ok(None);
+    }
+    let value = xenstore::read(XENSTORE_OVERRIDE_KEY, XENSTORE_TIMEOUT).map_err(|e| {
+        Error::new(
+            127,
+            format!("reading the Xenstore override {XENSTORE_OVERRIDE_KEY}: {e}"),
+        )
+    })?;
+    step(|| format!("Xenstore {XENSTORE_OVERRIDE_KEY} read"));
+    let Some(bytes) = value else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes).map(Some).map_err(|_| {
+        Error::new(
+            127,
+            format!("the Xenstore override {XENSTORE_OVERRIDE_KEY} is not UTF-8 text"),
+        )
     })
 }
 

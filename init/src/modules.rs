@@ -5,9 +5,13 @@
 //! `.ko.zst` or `.ko.gz` is handed to the kernel to decompress, which works when the kernel has
 //! `CONFIG_MODULE_DECOMPRESS`.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+
+use oci2uk_config::guest::{Platform, DRIVERS};
+use oci2uk_config::Oci2uk;
 
 use crate::sys;
 
@@ -83,9 +87,29 @@ pub fn load(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Loads every module of the configuration in order; failures are reported (the application
-/// may not need the device) and do not stop the others.
-pub fn load_all(specs: &[String]) -> Vec<String> {
+/// The modules to load where the guest runs: the drivers that serve on `platform` (in
+/// [`DRIVERS`]' order; a driver the contract does not name is loaded everywhere), then the
+/// configuration's other modules.
+pub fn wanted(oci2uk: &Oci2uk, platform: Platform, has_blk: bool) -> Vec<&String> {
+    let known = DRIVERS
+        .iter()
+        .filter(|d| d.wanted(platform, has_blk))
+        .filter_map(|d| oci2uk.drivers.get(d.name));
+    let unknown = oci2uk
+        .drivers
+        .iter()
+        .filter(|(name, _)| !DRIVERS.iter().any(|d| d.name == name.as_str()))
+        .map(|(_, list)| list);
+    known
+        .chain(unknown)
+        .flatten()
+        .chain(&oci2uk.modules)
+        .collect()
+}
+
+/// Loads every module of the list in order, each file once; failures are reported (the
+/// application may not need the device) and do not stop the others.
+pub fn load_all(specs: &[&String]) -> Vec<String> {
     let mut problems = Vec::new();
     if specs.is_empty() {
         return problems;
@@ -95,6 +119,7 @@ pub fn load_all(specs: &[String]) -> Vec<String> {
     let dep = needs_dep
         .then(|| fs::read_to_string(moddir.join("modules.dep")).ok())
         .flatten();
+    let mut done = HashSet::new();
     for spec in specs {
         let paths = match resolve(spec, &moddir, dep.as_deref()) {
             Ok(p) => p,
@@ -104,6 +129,9 @@ pub fn load_all(specs: &[String]) -> Vec<String> {
             }
         };
         for p in paths {
+            if !done.insert(p.clone()) {
+                continue;
+            }
             crate::console::step(|| format!("loading {}", p.display()));
             if let Err(e) = load(&p) {
                 let hint = if e.raw_os_error() == Some(libc::ENOENT) {
@@ -160,5 +188,55 @@ kernel/drivers/virtio/virtio-mmio.ko.xz: kernel/drivers/virtio/virtio_ring.ko\n"
         assert!(resolve("nope", m, None)
             .unwrap_err()
             .contains("cannot be read"));
+    }
+
+    #[test]
+    fn drivers_are_chosen_by_platform() {
+        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let oci2uk = Oci2uk {
+            modules: list(&["/m/squashfs.ko"]),
+            drivers: [
+                ("virtio_net", list(&["/m/virtio.ko", "/m/virtio_net.ko"])),
+                ("virtio_pci", list(&["/m/virtio.ko", "/m/virtio_pci.ko"])),
+                ("xen_netfront", list(&["/m/xen-netfront.ko"])),
+                ("xen_blkfront", list(&["/m/xen-blkfront.ko"])),
+                ("mine", list(&["/m/mine.ko"])),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            ..Oci2uk::default()
+        };
+        let got = |p, blk| {
+            wanted(&oci2uk, p, blk)
+                .into_iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got(Platform::Xen, false),
+            ["/m/xen-netfront.ko", "/m/mine.ko", "/m/squashfs.ko"]
+        );
+        assert_eq!(
+            got(Platform::Xen, true),
+            [
+                "/m/xen-netfront.ko",
+                "/m/xen-blkfront.ko",
+                "/m/mine.ko",
+                "/m/squashfs.ko"
+            ]
+        );
+        // virtio.ko twice: load_all loads a file once.
+        assert_eq!(
+            got(Platform::Virtio, true),
+            [
+                "/m/virtio.ko",
+                "/m/virtio_pci.ko",
+                "/m/virtio.ko",
+                "/m/virtio_net.ko",
+                "/m/mine.ko",
+                "/m/squashfs.ko"
+            ]
+        );
     }
 }

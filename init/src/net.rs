@@ -7,6 +7,7 @@ use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use oci2uk_config::guest::Platform;
 use oci2uk_config::{Addr, Family, Interface, Method, Net};
 
 use crate::console::{step, warn};
@@ -29,7 +30,14 @@ const APPEAR: Duration = Duration::from_secs(2);
 
 /// Sets the network up as `net` says; `None` means DHCP on the first Ethernet interface.
 /// Problems are warnings: the application may not need the network.
-pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
+pub fn setup(net: Option<&Net>, hostname: Option<&str>, platform: Platform) -> Outcome {
+    let dhcp_budget = match platform {
+        Platform::Xen => {
+            wait_for_xen_vifs();
+            dhcp::XEN_BUDGET
+        }
+        Platform::Virtio => dhcp::BUDGET,
+    };
     let mut out = Outcome::default();
     let sock = match IoctlSocket::new(libc::AF_INET) {
         Ok(s) => s,
@@ -91,7 +99,7 @@ pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
         for a in &iface.addrs {
             match (a.family, a.method) {
                 (Family::Inet, Method::Dhcp) => {
-                    let Some(lease) = run_dhcp(&sock, name, hostname) else {
+                    let Some(lease) = run_dhcp(&sock, name, hostname, dhcp_budget) else {
                         continue;
                     };
                     if let Some(ip) = lease.addr {
@@ -148,7 +156,12 @@ pub fn setup(net: Option<&Net>, hostname: Option<&str>) -> Outcome {
     out
 }
 
-fn run_dhcp(sock: &IoctlSocket, name: &str, hostname: Option<&str>) -> Option<dhcp::Lease> {
+fn run_dhcp(
+    sock: &IoctlSocket,
+    name: &str,
+    hostname: Option<&str>,
+    budget: Duration,
+) -> Option<dhcp::Lease> {
     let mac = match sock.hwaddr(name) {
         Ok(m) => m,
         Err(e) => {
@@ -158,7 +171,7 @@ fn run_dhcp(sock: &IoctlSocket, name: &str, hostname: Option<&str>) -> Option<dh
             return None;
         }
     };
-    let lease = match dhcp::run(name, mac, hostname) {
+    let lease = match dhcp::run(name, mac, hostname, budget) {
         Ok(Some(l)) => l,
         Ok(None) => {
             warn(&format!("DHCP on {name}: no answer"));
@@ -235,6 +248,44 @@ fn natural_key(name: &str) -> (String, u64) {
     let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     let (stem, num) = name.split_at(name.len() - digits);
     (stem.to_owned(), num.parse().unwrap_or(0))
+}
+
+/// How long Xen's network frontends may take to appear: netfront registers an interface only
+/// once its backend in dom0 has connected, which takes seconds under nested emulation.
+const XEN_APPEAR: Duration = Duration::from_secs(15);
+
+/// Waits (at most [`XEN_APPEAR`]) until every network device the domain was given
+/// (`/sys/bus/xen/devices/vif-N`, there from boot) has its interface, so that DHCP and static
+/// addresses find it. A domain without one does not wait.
+fn wait_for_xen_vifs() {
+    let Ok(dir) = fs::read_dir("/sys/bus/xen/devices") else {
+        return;
+    };
+    let vifs: Vec<_> = dir
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vif-"))
+        .map(|e| e.path())
+        .collect();
+    if vifs.is_empty() {
+        return;
+    }
+    let has_interface =
+        |vif: &Path| fs::read_dir(vif.join("net")).is_ok_and(|mut d| d.next().is_some());
+    let deadline = Instant::now() + XEN_APPEAR;
+    while !vifs.iter().all(|v| has_interface(v)) {
+        if Instant::now() >= deadline {
+            for v in vifs.iter().filter(|v| !has_interface(v)) {
+                warn(&format!(
+                    "the Xen network device {} has no interface after {} s",
+                    v.file_name().unwrap_or_default().to_string_lossy(),
+                    XEN_APPEAR.as_secs()
+                ));
+            }
+            return;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    step(|| format!("{} Xen network interfaces ready", vifs.len()));
 }
 
 fn wait_for(name: &str) -> bool {

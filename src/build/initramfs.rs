@@ -1,16 +1,19 @@
 //! The initramfs of a build: from the cache when an earlier build made it, else flattened,
 //! planned and written into the cache under its key.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::path::PathBuf;
 
+use oci2uk_config::guest::DRIVERS;
+
 use crate::cache::{Hasher, RootfsEntry};
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, Lookup, Module, Modules};
 use crate::output::sink::set_default_mode;
 use crate::{plan, rootfs};
 
 use super::keys::{self, RootfsInputs};
-use super::{BuildError, Job, BAKED_ROOTFS, GUEST_MODULES};
+use super::{BuildError, Job, BAKED_ROOTFS};
 
 /// An initramfs ready to bake: a verified blob of the cache, its digest and length, the guest
 /// memory the image needs, and the key it is kept under (none when the build cannot be keyed).
@@ -28,19 +31,27 @@ impl Job {
     /// recorded under its key.
     pub(super) fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         let modules = kernel.modules(self.req.modules.as_deref())?;
-        let wanted: Vec<&str> = GUEST_MODULES
-            .iter()
-            .chain(self.req.rootfs.modules())
-            .copied()
-            .collect();
-        let needed = modules.closure(&wanted).map_err(BuildError::Modules)?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
-        let mut module_paths = Vec::new();
-        for m in &needed {
-            let ko = modules.read(m).map_err(BuildError::Modules)?;
-            extras.push(rootfs::Extra::module(&m.name, ko));
-            module_paths.push(rootfs::module_path(&m.name));
+        let mut packed = BTreeSet::new();
+        let mut pack = |needed: Vec<Module>| -> Result<Vec<String>, BuildError> {
+            let mut paths = Vec::new();
+            for m in needed {
+                if packed.insert(m.name.clone()) {
+                    let ko = modules.read(&m).map_err(BuildError::Modules)?;
+                    extras.push(rootfs::Extra::module(&m.name, ko));
+                }
+                paths.push(rootfs::module_path(&m.name));
+            }
+            Ok(paths)
+        };
+        let mut drivers = BTreeMap::new();
+        for (name, needed) in driver_modules(&modules)? {
+            drivers.insert(name.to_owned(), pack(needed)?);
         }
+        let needed = modules
+            .closure(self.req.rootfs.modules())
+            .map_err(BuildError::Modules)?;
+        let module_paths = pack(needed)?;
         let opts = rootfs::RootfsOptions {
             codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
             level: None,
@@ -79,6 +90,7 @@ impl Job {
             machine: kernel.machine,
             name: self.req.source.name(),
             modules: module_paths,
+            drivers,
             kernel: Some(kernel.version.clone()),
         };
         let config = plan::plan(&self.img, &tree, &self.req.overrides, &target)?;
@@ -130,6 +142,25 @@ impl Job {
     }
 }
 
+/// The modules of each device driver in the contract, with their dependencies, in load order.
+///
+/// Every driver goes in, for every platform: one file boots on QEMU and on Xen, and the init
+/// loads the ones that serve where it runs. A driver built into the kernel has nothing to
+/// load; a kernel without a driver at all (no Xen support, say) makes guests without that
+/// device.
+fn driver_modules(modules: &Modules) -> Result<Vec<(&'static str, Vec<Module>)>, BuildError> {
+    let mut out = Vec::new();
+    for d in DRIVERS {
+        if let Lookup::Missing = modules.lookup(d.name) {
+            tracing::debug!(driver = d.name, "the kernel has no such module");
+            continue;
+        }
+        let needed = modules.closure(&[d.name]).map_err(BuildError::Modules)?;
+        out.push((d.name, needed));
+    }
+    Ok(out)
+}
+
 /// Hashes what passes through to a writer.
 struct HashingWriter<W> {
     inner: W,
@@ -145,5 +176,42 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn names(m: &Modules) -> Vec<(&'static str, Vec<String>)> {
+        driver_modules(m)
+            .unwrap()
+            .into_iter()
+            .map(|(d, list)| (d, list.into_iter().map(|m| m.name).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn drivers_built_in_or_absent_have_nothing_to_load() {
+        let dep = "kernel/drivers/net/xen-netfront.ko:\n\
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+kernel/drivers/virtio/virtio_ring.ko:\n\
+kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n";
+        let builtin = "kernel/drivers/block/xen-blkfront.ko\nkernel/drivers/virtio/virtio_pci.ko\n";
+        let got = names(&Modules::parse(Path::new("/m"), dep, builtin));
+        assert_eq!(
+            got,
+            [
+                ("virtio_pci", vec![]),
+                (
+                    "virtio_net",
+                    vec!["virtio_ring".into(), "virtio".into(), "virtio_net".into()]
+                ),
+                ("xen_netfront", vec!["xen_netfront".into()]),
+                ("xen_blkfront", vec![]),
+            ]
+        );
     }
 }

@@ -87,13 +87,6 @@ pub struct BuildRequest {
 /// The default of `--max-size`: 8 GiB.
 pub const DEFAULT_MAX_SIZE: u64 = 8 << 30;
 
-/// The modules the init loads, by name; their dependencies come along from `modules.dep`.
-/// Debian's cloud kernel builds virtio as modules: `virtio_pci` for PCI machines (q35),
-/// `virtio_mmio` for microvm and Firecracker, `virtio_net` for the network.
-/// `button` and `evdev` let the init hear an ACPI power button (a hypervisor's shutdown
-/// request).
-pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_net", "button", "evdev"];
-
 /// The command line baked into every file, before `oci2uk.memory=` is added: a serial console,
 /// reboot on panic (with `-no-reboot`, QEMU exits), the tree unpacked into ramfs (no size cap),
 /// the init at its private path, and a kernel that prints only emergencies (a panic, whose

@@ -121,6 +121,8 @@ pub struct Target {
     pub name: String,
     /// The kernel modules the init loads, as paths in the guest, in load order.
     pub modules: Vec<String>,
+    /// The device drivers' modules, by driver name, for the init to load where they serve.
+    pub drivers: BTreeMap<String, Vec<String>>,
     /// The kernel's release, recorded in the configuration.
     pub kernel: Option<String>,
 }
@@ -526,6 +528,7 @@ pub fn plan(
             source_digest: Some(image.manifest_digest.to_string()),
             source_created: image.config.created().clone(),
             modules: target.modules.clone(),
+            drivers: target.drivers.clone(),
             kernel: target.kernel.clone(),
             ..Oci2uk::default()
         },

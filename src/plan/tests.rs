@@ -131,6 +131,7 @@ fn x86() -> Target {
         machine: Machine::X86_64,
         name: "test".into(),
         modules: Vec::new(),
+        drivers: Default::default(),
         kernel: None,
     }
 }
@@ -802,6 +803,7 @@ fn host_names() {
             machine: Machine::X86_64,
             name: name.into(),
             modules: Vec::new(),
+            drivers: Default::default(),
             kernel: None,
         };
         plan(&image(json!({})), &c.tree, &o, &t).map(|cfg| {
@@ -869,6 +871,7 @@ fn hello_world_from_the_conformance_corpus() {
         machine,
         name: img.name.clone(),
         modules: Vec::new(),
+        drivers: Default::default(),
         kernel: None,
     };
     let cfg = plan(
