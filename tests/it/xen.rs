@@ -326,18 +326,19 @@ fn assert_nginx_page(page: &str, dom: &Domain) {
     );
 }
 
-#[test]
-fn nginx_pvh_from_the_cfg_as_written_started_elsewhere_serves_over_dhcp_and_stops() {
+/// nginx from the bundle's `cfg` as written, with `xl` started from `/`: served over DHCP,
+/// then stopped by `xl shutdown`.
+fn serve_from_cfg_started_elsewhere(cfg: &str, what: &str) {
     let h = host();
     let (dhcp, _, _) = nginx_bundles();
-    let cfg = dhcp.join("xen-pvh.cfg");
+    let cfg = dhcp.join(cfg);
     let text = fs::read_to_string(&cfg).unwrap();
     // The file names the baked file by the path the bundle was written to.
     let kernel = format!("kernel = \"{}\"", elf_in(dhcp).display());
     assert!(text.contains(&kernel), "{kernel} in:\n{text}");
     let _one = one_vm();
     let dom = Domain {
-        name: h.domain("nginx-pvh"),
+        name: h.domain(what),
     };
     // dom0 sees the host's directory at /share: the same directory at the same path, as a
     // network file system mounted alike on both would be, lets the file be used unchanged.
@@ -356,13 +357,14 @@ fn nginx_pvh_from_the_cfg_as_written_started_elsewhere_serves_over_dhcp_and_stop
     dom.shutdown_cleanly();
 }
 
-#[test]
-fn nginx_pv_with_a_static_address_through_the_launcher_of_a_moved_bundle() {
+/// nginx built with `--net`, its bundle moved where its configurations do not point, started
+/// by the launcher with `mode` (`--pv` or `--pvh`) from `/`: served at its static address.
+fn serve_through_the_launcher_of_a_moved_bundle(mode: &str, what: &str) {
     let h = host();
     let (_, fixed, addr) = nginx_bundles();
     let _one = one_vm();
     let dom = Domain {
-        name: h.domain("nginx-pv"),
+        name: h.domain(what),
     };
     // Moved where its configurations do not point: the launcher names its own directory.
     let moved = h.run_dir().join("moved/nginx");
@@ -372,7 +374,7 @@ fn nginx_pv_with_a_static_address_through_the_launcher_of_a_moved_bundle() {
     let out = h.run(
         "launch",
         &format!(
-            "cd / && {launcher} -n {name}",
+            "cd / && {launcher} {mode} -n {name}",
             launcher = h.in_dom0(&moved.join("xen.sh")),
             name = dom.name
         ),
@@ -387,6 +389,26 @@ fn nginx_pv_with_a_static_address_through_the_launcher_of_a_moved_bundle() {
     let page = dom.wait_page(Some(addr));
     assert_nginx_page(&page, &dom);
     dom.shutdown_cleanly();
+}
+
+#[test]
+fn nginx_pvh_from_the_cfg_as_written_started_elsewhere_serves_over_dhcp_and_stops() {
+    serve_from_cfg_started_elsewhere("xen-pvh.cfg", "nginx-pvh-dhcp");
+}
+
+#[test]
+fn nginx_pv_from_the_cfg_as_written_started_elsewhere_serves_over_dhcp_and_stops() {
+    serve_from_cfg_started_elsewhere("xen-pv.cfg", "nginx-pv-dhcp");
+}
+
+#[test]
+fn nginx_pv_with_a_static_address_through_the_launcher_of_a_moved_bundle() {
+    serve_through_the_launcher_of_a_moved_bundle("--pv", "nginx-pv-net");
+}
+
+#[test]
+fn nginx_pvh_with_a_static_address_through_the_launcher_of_a_moved_bundle() {
+    serve_through_the_launcher_of_a_moved_bundle("--pvh", "nginx-pvh-net");
 }
 
 #[test]
