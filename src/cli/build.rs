@@ -140,7 +140,7 @@ fn report(
         if let Some(p) = pushed {
             v["push"] = serde_json::to_value(p)?;
         }
-        println!("{v}");
+        super::out(&format!("{v}\n"))?;
     } else if !common.quiet {
         if let Some(k) = &outcome.kernel {
             let why = match outcome.kernel_choice {

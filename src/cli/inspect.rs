@@ -47,9 +47,9 @@ pub async fn cmd_inspect(args: InspectArgs) -> anyhow::Result<()> {
         }
     };
     if args.common.json {
-        println!("{}", serde_json::to_string(&report)?);
+        super::out(&format!("{}\n", serde_json::to_string(&report)?))?;
     } else {
-        print!("{}", inspect::text(&report));
+        super::out(&inspect::text(&report))?;
     }
     Ok(())
 }

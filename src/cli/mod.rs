@@ -29,6 +29,22 @@ pub fn init_logging(quiet: bool) {
     }
 }
 
+/// Writes `text` to standard output. A reader that has gone (`oci2uk inspect IMG | head`) is
+/// not an error: what it wanted it has.
+pub fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to standard output"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `SOURCE_DATE_EPOCH`, when set.
 fn source_date_epoch() -> anyhow::Result<Option<i64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {

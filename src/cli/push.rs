@@ -47,7 +47,7 @@ fn setup(
 /// Prints a push's outcome as `--json`/`--quiet` ask.
 fn print(p: &PushOutcome, common: &CommonArgs) -> anyhow::Result<()> {
     if common.json {
-        println!("{}", serde_json::to_string(p)?);
+        super::out(&format!("{}\n", serde_json::to_string(p)?))?;
     } else if !common.quiet {
         report(p);
     }
