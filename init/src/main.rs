@@ -22,6 +22,7 @@ mod net;
 mod root;
 mod sys;
 mod sysctl;
+mod volume;
 
 use std::time::Duration;
 

@@ -91,8 +91,17 @@ pub const DEFAULT_MAX_SIZE: u64 = 8 << 30;
 /// Debian's cloud kernel builds virtio as modules: `virtio_pci` for PCI machines (q35),
 /// `virtio_mmio` for microvm and Firecracker, `virtio_net` for the network.
 /// `button` and `evdev` let the init hear an ACPI power button (a hypervisor's shutdown
-/// request).
-pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_net", "button", "evdev"];
+/// request). `virtio_blk` and `virtiofs` (with `fuse`) carry volumes: disks and shared host
+/// directories (the kernel has ext4 built in, and no 9p at all).
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_net",
+    "button",
+    "evdev",
+    "virtio_blk",
+    "virtiofs",
+];
 
 /// The command line baked into every file, before `oci2uk.memory=` is added: a serial console,
 /// reboot on panic (with `-no-reboot`, QEMU exits), the tree unpacked into ramfs (no size cap),

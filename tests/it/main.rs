@@ -3,7 +3,7 @@
 //! The tests in `registry`, `repro` and `faults` need the loopback test registry and its fixtures
 //! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
 //! `registry-tests` feature, which the README's test command and `.ci/run` enable. The ones
-//! in `vm`, `guest`, `rootfs`, `stop` and `push` boot VMs through the harness in `support`;
+//! in `vm`, `guest`, `rootfs`, `stop`, `push` and `volume` boot VMs through the harness in `support`;
 //! they are built with `vm-tests`, which `.ci/run` enables too.
 
 mod cli;
@@ -28,3 +28,5 @@ mod support;
 mod util;
 #[cfg(feature = "vm-tests")]
 mod vm;
+#[cfg(feature = "vm-tests")]
+mod volume;
