@@ -9,6 +9,11 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || missing+=(linux-image-cloud-amd64)
 # unsquashfs: an independent reader the SquashFS root's tests check against.
 command -v unsquashfs >/dev/null || missing+=(squashfs-tools)
+# run -v: mkfs.ext4 makes a new disk image's file system; virtiofsd shares a host directory
+# (Debian 12 ships it with QEMU in qemu-system-common, Debian 13 as the package virtiofsd).
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v virtiofsd >/dev/null || [ -x /usr/libexec/virtiofsd ] || [ -x /usr/lib/qemu/virtiofsd ] ||
+    missing+=(virtiofsd)
 # The kernel and bake tests compress with every codec Linux knows and disassemble the stub.
 for tool in readelf:binutils objdump:binutils lzop:lzop lz4:lz4 zstd:zstd xz:xz-utils bzip2:bzip2 cpio:cpio; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")

@@ -66,6 +66,26 @@ impl Platform {
     }
 }
 
+/// The mounts of a configuration that need a driver of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// A block device is mounted (a `blk` mount).
+    pub blk: bool,
+    /// A host directory is shared (a `virtiofs` mount).
+    pub virtiofs: bool,
+}
+
+/// When a driver is loaded, beyond its platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// At every boot.
+    Always,
+    /// Only when the configuration mounts a block device.
+    Blk,
+    /// Only when it shares a host directory.
+    Virtiofs,
+}
+
 /// A device driver the host puts into every initramfs (with the modules it depends on) and the
 /// init loads only where it serves: each module costs 25-190 ms under emulation and more than a
 /// second under nested Xen, so a Xen guest skips virtio and ACPI, and the others skip Xen.
@@ -75,48 +95,47 @@ pub struct Driver {
     pub name: &'static str,
     /// Where it is loaded.
     pub platform: Platform,
-    /// Loaded only when the configuration mounts a block device (a `blk` mount).
-    pub for_blk: bool,
+    /// What else it waits for.
+    pub need: Need,
 }
 
 impl Driver {
-    const fn on(platform: Platform, name: &'static str) -> Driver {
+    const fn new(platform: Platform, name: &'static str, need: Need) -> Driver {
         Driver {
             name,
             platform,
-            for_blk: false,
+            need,
         }
     }
 
-    const fn blk(platform: Platform, name: &'static str) -> Driver {
-        Driver {
-            name,
-            platform,
-            for_blk: true,
-        }
-    }
-
-    /// Whether the init loads this driver on `platform`, for a configuration that mounts a
-    /// block device when `has_blk`.
-    pub fn wanted(&self, platform: Platform, has_blk: bool) -> bool {
-        self.platform == platform && (has_blk || !self.for_blk)
+    /// Whether the init loads this driver on `platform` for a configuration with `needs`.
+    pub fn wanted(&self, platform: Platform, needs: Needs) -> bool {
+        self.platform == platform
+            && match self.need {
+                Need::Always => true,
+                Need::Blk => needs.blk,
+                Need::Virtiofs => needs.virtiofs,
+            }
     }
 }
 
 /// The device drivers, in the order the init loads them. `virtio_pci` serves PCI machines
 /// (q35), `virtio_mmio` microvm and Firecracker; `button` and `evdev` let the init hear an ACPI
-/// power button (QEMU's shutdown request). On Xen the network and disks are the frontends
-/// (`xen-netfront`, `xen-blkfront`); a shutdown request arrives through Xenstore, which the
-/// kernel turns into running `poweroff_cmd`, so nothing else is needed there.
+/// power button (QEMU's shutdown request); `virtio_blk` and `virtiofs` (with `fuse`) carry
+/// volumes, disks and shared host directories (the kernel has ext4 built in and no 9p). On Xen
+/// the network and disks are the frontends (`xen-netfront`, `xen-blkfront`); a shutdown request
+/// arrives through Xenstore, which the kernel turns into running `poweroff_cmd`, so nothing
+/// else is needed there.
 pub const DRIVERS: &[Driver] = &[
-    Driver::on(Platform::Virtio, "virtio_pci"),
-    Driver::on(Platform::Virtio, "virtio_mmio"),
-    Driver::on(Platform::Virtio, "virtio_net"),
-    Driver::blk(Platform::Virtio, "virtio_blk"),
-    Driver::on(Platform::Virtio, "button"),
-    Driver::on(Platform::Virtio, "evdev"),
-    Driver::on(Platform::Xen, "xen_netfront"),
-    Driver::blk(Platform::Xen, "xen_blkfront"),
+    Driver::new(Platform::Virtio, "virtio_pci", Need::Always),
+    Driver::new(Platform::Virtio, "virtio_mmio", Need::Always),
+    Driver::new(Platform::Virtio, "virtio_net", Need::Always),
+    Driver::new(Platform::Virtio, "virtio_blk", Need::Blk),
+    Driver::new(Platform::Virtio, "virtiofs", Need::Virtiofs),
+    Driver::new(Platform::Virtio, "button", Need::Always),
+    Driver::new(Platform::Virtio, "evdev", Need::Always),
+    Driver::new(Platform::Xen, "xen_netfront", Need::Always),
+    Driver::new(Platform::Xen, "xen_blkfront", Need::Blk),
 ];
 
 /// Splits a kernel command line into parameters as Linux does (`next_arg`): separated by
@@ -282,7 +301,15 @@ mod tests {
         let names = |p, blk| {
             DRIVERS
                 .iter()
-                .filter(|d| d.wanted(p, blk))
+                .filter(|d| {
+                    d.wanted(
+                        p,
+                        Needs {
+                            blk,
+                            virtiofs: false,
+                        },
+                    )
+                })
                 .map(|d| d.name)
                 .collect::<Vec<_>>()
         };
@@ -293,6 +320,16 @@ mod tests {
             ["virtio_pci", "virtio_mmio", "virtio_net", "button", "evdev"]
         );
         assert!(names(Platform::Virtio, true).contains(&"virtio_blk"));
+        let fs = Needs {
+            blk: false,
+            virtiofs: true,
+        };
+        assert!(DRIVERS
+            .iter()
+            .any(|d| d.name == "virtiofs" && d.wanted(Platform::Virtio, fs)));
+        assert!(!DRIVERS
+            .iter()
+            .any(|d| d.name == "virtiofs" && d.wanted(Platform::Xen, fs)));
         assert_eq!(Platform::from_hypervisor_type(Some("xen\n")), Platform::Xen);
         assert_eq!(Platform::from_hypervisor_type(None), Platform::Virtio);
         assert_eq!(

@@ -217,9 +217,10 @@ impl Dns {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mount {
-    /// `tmpfs` or `blk`.
+    /// `tmpfs`, `blk` or `virtiofs`.
     pub source: MountSource,
-    /// The block device, for `blk` (`/dev/vda`).
+    /// The block device, for `blk` (`/dev/vda`, or `/dev/disk/by-id/virtio-SERIAL` for the
+    /// virtio disk with that serial number); the tag, for `virtiofs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// The file system type, for `blk`; tried from `/proc/filesystems` when absent.
@@ -229,8 +230,10 @@ pub struct Mount {
     /// `noatime` with an empty value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
-    /// For `tmpfs`: copy the directory's content from the image into the new file system,
-    /// keeping owners, modes and times, as docker seeds a volume. Default true.
+    /// Copy the directory's content from the image into the new file system, keeping owners,
+    /// modes and times, as docker seeds a volume. Default true. For `tmpfs`, every boot; for
+    /// `blk`, once: when the file system holds nothing (`lost+found` aside) and has not been
+    /// seeded before, and is not mounted read-only.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub seed: bool,
     /// The owner of the mount's root; default: the image directory's, else 0.
@@ -284,6 +287,8 @@ pub enum MountSource {
     Tmpfs,
     /// A block device.
     Blk,
+    /// A host directory shared through virtiofs, by its tag.
+    Virtiofs,
 }
 
 /// oci2uk's own settings.
@@ -424,10 +429,25 @@ impl Config {
             if mp == "/" {
                 return Err(Error::invalid("mount./", "cannot mount over the root"));
             }
-            if m.source == MountSource::Blk {
-                match &m.path {
-                    Some(p) => absolute(&at("path"), p)?,
-                    None => return Err(Error::invalid(at("path"), "is required for \"blk\"")),
+            match (m.source, &m.path) {
+                (MountSource::Tmpfs, _) => {}
+                (MountSource::Blk, Some(p)) => absolute(&at("path"), p)?,
+                (MountSource::Blk, None) => {
+                    return Err(Error::invalid(at("path"), "is required for \"blk\""))
+                }
+                (MountSource::Virtiofs, Some(tag)) => {
+                    if tag.is_empty() || tag.len() > 36 || tag.contains(['\0', ',']) {
+                        return Err(Error::invalid(
+                            at("path"),
+                            "must be a virtiofs tag of 1 to 36 characters",
+                        ));
+                    }
+                }
+                (MountSource::Virtiofs, None) => {
+                    return Err(Error::invalid(
+                        at("path"),
+                        "is required for \"virtiofs\" (the tag)",
+                    ))
                 }
             }
             if m.mode.is_some() && m.mode_bits().is_none_or(|b| b > 0o7777) {
@@ -657,6 +677,10 @@ mod tests {
                 "mount.data",
             ),
             (json!({"mount": {"/d": {"source": "blk"}}}), "mount./d.path"),
+            (
+                json!({"mount": {"/d": {"source": "virtiofs"}}}),
+                "mount./d.path",
+            ),
             (
                 json!({"mount": {"/d": {"source": "tmpfs", "mode": "9"}}}),
                 "mount./d.mode",

@@ -332,6 +332,7 @@ pub fn power_off(status: Option<String>) -> ! {
             Err(_) => break,
         }
     }
+    crate::volume::release();
     if let Some(s) = status {
         line(&s);
     }

@@ -22,7 +22,7 @@ const NOEXEC: c_ulong = libc::MS_NOEXEC;
 const STAGING: &str = "/.oci2uk/staging";
 
 /// The directory `path`, created with `mode` when missing.
-fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
     match fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(io::Error::new(
@@ -150,12 +150,13 @@ pub fn mount_tmp_and_run() -> Result<(), Error> {
 pub fn mount_config(mountpoint: &str, m: &Mount) -> Result<(), Error> {
     match m.source {
         MountSource::Tmpfs => mount_tmpfs(Path::new(mountpoint), m),
-        MountSource::Blk => mount_blk(mountpoint, m),
+        MountSource::Blk => crate::volume::mount_blk(mountpoint, m),
+        MountSource::Virtiofs => crate::volume::mount_virtiofs(mountpoint, m),
     }
 }
 
 /// Splits mount options into flags and the data string.
-fn options(m: &Mount) -> (c_ulong, Vec<String>) {
+pub(crate) fn options(m: &Mount) -> (c_ulong, Vec<String>) {
     let mut flags = 0;
     let mut data = Vec::new();
     for (k, v) in &m.options {
@@ -246,44 +247,6 @@ fn mount_tmpfs(mountpoint: &Path, m: &Mount) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("making {mp_s} read-only"), e))?;
     }
     Ok(())
-}
-
-fn mount_blk(mountpoint: &str, m: &Mount) -> Result<(), Error> {
-    let device = m.path.as_deref().unwrap_or_default();
-    ensure_dir(Path::new(mountpoint), 0o755)
-        .map_err(|e| Error::io(format!("creating {mountpoint}"), e))?;
-    let (flags, data) = options(m);
-    let data = data.join(",");
-    let data = (!data.is_empty()).then_some(data.as_str());
-    let types = match &m.fstype {
-        Some(t) => vec![t.clone()],
-        None => block_filesystems(),
-    };
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no block file system is available");
-    for t in &types {
-        match sys::mount(device, Path::new(mountpoint), t, flags, data) {
-            Ok(()) => return Ok(()),
-            Err(e) => last = e,
-        }
-    }
-    Err(Error::io(
-        format!(
-            "mounting {device} on {mountpoint} (tried {})",
-            types.join(", ")
-        ),
-        last,
-    ))
-}
-
-/// The kernel's file systems that need a device, from /proc/filesystems.
-fn block_filesystems() -> Vec<String> {
-    fs::read_to_string("/proc/filesystems")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with("nodev"))
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect()
 }
 
 /// Copies the content of `src` into the existing directory `dst`, keeping types, owners, modes,

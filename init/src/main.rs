@@ -23,13 +23,14 @@ mod net;
 mod root;
 mod sys;
 mod sysctl;
+mod volume;
 mod xenstore;
 
 use std::time::Duration;
 
 use oci2uk_config::guest::{
-    Platform, CONFIG_PATH, DEBUG_PARAM, HYPERVISOR_TYPE_PATH, ROOT_IMAGE_PATH, UNPACKED_PATH,
-    XENSTORE_OVERRIDE_KEY,
+    Needs, Platform, CONFIG_PATH, DEBUG_PARAM, HYPERVISOR_TYPE_PATH, ROOT_IMAGE_PATH,
+    UNPACKED_PATH, XENSTORE_OVERRIDE_KEY,
 };
 use oci2uk_config::{find_override, kernel_params, Config, MountSource, StatusLine};
 
@@ -132,8 +133,14 @@ fn boot() -> Result<sys::Exit, Error> {
         Duration::from_secs(config.oci2uk.stop_timeout.unwrap_or(10).into()),
     );
 
-    let has_blk = config.mount.values().any(|m| m.source == MountSource::Blk);
-    let wanted = modules::wanted(&config.oci2uk, platform, has_blk);
+    let needs = Needs {
+        blk: config.mount.values().any(|m| m.source == MountSource::Blk),
+        virtiofs: config
+            .mount
+            .values()
+            .any(|m| m.source == MountSource::Virtiofs),
+    };
+    let wanted = modules::wanted(&config.oci2uk, platform, needs);
     for problem in modules::load_all(&wanted) {
         console::warn(&problem);
     }

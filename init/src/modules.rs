@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use oci2uk_config::guest::{Platform, DRIVERS};
+use oci2uk_config::guest::{Needs, Platform, DRIVERS};
 use oci2uk_config::Oci2uk;
 
 use crate::sys;
@@ -90,10 +90,10 @@ pub fn load(path: &Path) -> io::Result<()> {
 /// The modules to load where the guest runs: the drivers that serve on `platform` (in
 /// [`DRIVERS`]' order; a driver the contract does not name is loaded everywhere), then the
 /// configuration's other modules.
-pub fn wanted(oci2uk: &Oci2uk, platform: Platform, has_blk: bool) -> Vec<&String> {
+pub fn wanted(oci2uk: &Oci2uk, platform: Platform, needs: Needs) -> Vec<&String> {
     let known = DRIVERS
         .iter()
-        .filter(|d| d.wanted(platform, has_blk))
+        .filter(|d| d.wanted(platform, needs))
         .filter_map(|d| oci2uk.drivers.get(d.name));
     let unknown = oci2uk
         .drivers
@@ -208,7 +208,11 @@ kernel/drivers/virtio/virtio-mmio.ko.xz: kernel/drivers/virtio/virtio_ring.ko\n"
             ..Oci2uk::default()
         };
         let got = |p, blk| {
-            wanted(&oci2uk, p, blk)
+            let needs = Needs {
+                blk,
+                virtiofs: false,
+            };
+            wanted(&oci2uk, p, needs)
                 .into_iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>()

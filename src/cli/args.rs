@@ -124,6 +124,14 @@ pub struct RunArgs {
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
 
+    /// Mount host storage at DST in the guest, kept across runs: SRC:DST[:ro][,size=SIZE].
+    /// SRC is a disk image when it is a file or its name ends in .img, .raw or .ext4 (a new
+    /// one is made sparse with ext4, size= or 1G, and seeded from the image's DST); otherwise
+    /// a host directory (made when missing), shared through virtiofs (needs root).
+    /// Repeatable.
+    #[arg(short, long, value_name = "SRC:DST[:OPTS]")]
+    pub volume: Vec<oci2uk::run::VolumeSpec>,
+
     /// Set a kernel parameter before the application starts (vm.overcommit_memory=1), over
     /// those recorded at build time. Repeatable.
     #[arg(long, value_name = "K=V", value_parser = parse_sysctl)]

@@ -32,6 +32,11 @@ pub async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
         }
     };
     let (memory_mib, why) = memory(&args, file.path())?;
+    let volumes = args
+        .volume
+        .iter()
+        .map(run::volume::prepare)
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = RunOptions {
         file: file.path().to_path_buf(),
         ports: args.publish,
@@ -44,6 +49,7 @@ pub async fn cmd_run(args: RunArgs) -> anyhow::Result<u8> {
         stop_timeout: std::time::Duration::from_secs(args.stop_timeout.into()),
         // A terminal wants the guest's CRLF; a file or a pipe gets plain lines.
         keep_crlf: std::io::stdout().is_terminal(),
+        volumes,
     };
     // What stops the VM from starting is said before anything else.
     run::preflight(&opts)?;

@@ -95,6 +95,22 @@ impl Machine {
         }
     }
 
+    /// The virtio block device on this machine.
+    pub fn disk(self) -> &'static str {
+        match self {
+            Machine::Microvm => "virtio-blk-device",
+            Machine::Q35 => "virtio-blk-pci",
+        }
+    }
+
+    /// The virtiofs device (vhost-user) on this machine.
+    pub fn fs(self) -> &'static str {
+        match self {
+            Machine::Microvm => "vhost-user-fs-device",
+            Machine::Q35 => "vhost-user-fs-pci",
+        }
+    }
+
     /// The `-machine` value: microvm needs its ISA serial port (the console) asked for, and
     /// its RTC when `rtc` (QEMU leaves it out under KVM otherwise, and the guest has no wall
     /// clock).
@@ -132,6 +148,40 @@ impl Console {
         }
     }
 }
+
+/// A raw disk image attached as a virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub file: String,
+    /// The serial number the guest reads in `/sys/block/vdX/serial` (at most 20 bytes): how
+    /// it finds the disk whatever order the devices are probed in.
+    pub serial: String,
+    /// Attached read-only: QEMU refuses the guest's writes.
+    pub read_only: bool,
+}
+
+/// A host directory shared through virtiofs: the vhost-user socket its `virtiofsd` serves,
+/// and the tag the guest mounts it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The daemon's socket.
+    pub socket: String,
+    /// The tag.
+    pub tag: String,
+}
+
+/// The devices that carry volumes, beyond what [`Qemu`] describes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// Disks, in order.
+    pub disks: Vec<Disk>,
+    /// Shared directories, in order.
+    pub shares: Vec<Share>,
+}
+
+/// The id of the shared guest memory that virtiofs needs (its daemon maps the guest's RAM).
+const SHARED_MEMORY_ID: &str = "mem";
 
 /// A QEMU guest: what it boots, its size, its network and console.
 #[derive(Debug, Clone)]
@@ -204,9 +254,20 @@ impl Qemu {
 
     /// The arguments (without the binary) for `machine` under `accel`.
     pub fn args(&self, machine: Machine, accel: Accel) -> Vec<String> {
+        self.args_with(machine, accel, &Devices::default())
+    }
+
+    /// [`Qemu::args`] with volume devices: each disk as a raw drive on a virtio block device,
+    /// each share as a vhost-user-fs device on its daemon's socket. With a share, the guest's
+    /// memory is a shared memfd, which the daemon maps.
+    pub fn args_with(&self, machine: Machine, accel: Accel, devices: &Devices) -> Vec<String> {
+        let mut machine_arg = machine.arg(self.rtc);
+        if !devices.shares.is_empty() {
+            let _ = write!(machine_arg, ",memory-backend={SHARED_MEMORY_ID}");
+        }
         let mut args: Vec<String> = vec![
             "-machine".into(),
-            machine.arg(self.rtc),
+            machine_arg,
             "-accel".into(),
             accel.name().into(),
             "-cpu".into(),
@@ -234,6 +295,48 @@ impl Qemu {
             "-device".into(),
             format!("{},netdev={NETDEV_ID}", machine.nic()),
         ]);
+        if !devices.shares.is_empty() {
+            // virtiofsd's vhost-user library serves modern virtio only, and microvm's MMIO
+            // transports are legacy unless told otherwise (the kernel drives both).
+            if machine == Machine::Microvm {
+                args.extend(["-global".into(), "virtio-mmio.force-legacy=false".into()]);
+            }
+            args.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id={SHARED_MEMORY_ID},size={}M,share=on",
+                    self.memory_mib
+                ),
+            ]);
+        }
+        for (i, d) in devices.disks.iter().enumerate() {
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "file={},if=none,id=disk{i},format=raw{ro}",
+                    escape_option(&d.file)
+                ),
+                "-device".into(),
+                format!(
+                    "{},drive=disk{i},serial={}",
+                    machine.disk(),
+                    escape_option(&d.serial)
+                ),
+            ]);
+        }
+        for (i, s) in devices.shares.iter().enumerate() {
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=share{i},path={}", escape_option(&s.socket)),
+                "-device".into(),
+                format!(
+                    "{},chardev=share{i},tag={}",
+                    machine.fs(),
+                    escape_option(&s.tag)
+                ),
+            ]);
+        }
         args.extend(self.console.args().iter().map(|a| a.to_string()));
         if let Some(path) = &self.monitor {
             // A client socket: the listener is up before QEMU starts, so there is no moment
@@ -293,7 +396,12 @@ impl Qemu {
 # {mem} MiB, the serial console on this terminal (Ctrl-A X quits). Host ports forwarded:
 {described}# KVM when this machine can run guests with it, software emulation otherwise; the
 # {mkvm} machine with KVM, {mtcg} otherwise. OCI2UK_ACCEL={kvm}|{tcg} and OCI2UK_MACHINE={m1}|{m2}
-# choose. Further arguments go to QEMU.
+# choose. Further arguments go to QEMU; a disk for a `blk` mount of the configuration, for
+# instance, is attached with
+#   -drive file=data.img,if=none,id=disk0,format=raw -device {m1_disk},drive=disk0,serial=data
+# ({m2_disk} on {m2}) and mounted at /data by the kernel parameter oci2uk.config= (base64url of
+# {{"mount":{{"/data":{{"source":"blk","path":"/dev/disk/by-id/virtio-data","fstype":"ext4"}}}}}}),
+# appended to {cmdline_file}.
 set -eu
 cd "$(dirname "$0")"
 accel=${{OCI2UK_ACCEL:-}}
@@ -334,6 +442,8 @@ exec {BINARY} \
             flags = KVM_CPU_FLAGS.join(" or "),
             microvm_arg = microvm.arg(self.rtc),
             microvm_nic = microvm.nic(),
+            m1_disk = microvm.disk(),
+            m2_disk = q35.disk(),
             q35_nic = q35.nic(),
             netdev = self.netdev(),
         )

@@ -22,8 +22,10 @@ pub use crate::launch::ports::PortForward;
 use crate::launch::qemu;
 pub use crate::launch::qemu::kvm_usable;
 use monitor::{Monitor, Request};
+pub use volume::{Volume, VolumeError, VolumeKind, VolumeSpec};
 
 mod monitor;
+pub mod volume;
 
 /// Exit status when the VM failed before the application reported one.
 pub const EXIT_VM_FAILED: u8 = 125;
@@ -63,6 +65,8 @@ pub struct RunOptions {
     /// Whether the console keeps the guest's CRLF line ends (for a terminal); otherwise each
     /// line ends in a plain LF, as a file or a pipe expects.
     pub keep_crlf: bool,
+    /// Volumes (`-v`), prepared: in this order they are attached and named to the guest.
+    pub volumes: Vec<Volume>,
 }
 
 /// The stop timeout in seconds when none is given: docker's.
@@ -109,6 +113,23 @@ pub enum RunError {
     /// KVM was asked for but cannot run guests here.
     #[error("--accel kvm: {0}")]
     NoKvm(String),
+    /// A volume cannot be attached.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// A directory volume needs a virtiofs daemon that is not installed.
+    #[error("-v {0}: sharing a directory needs virtiofsd (apt-get install qemu-system-common, or set OCI2UK_VIRTIOFSD)")]
+    NoVirtiofsd(String),
+    /// A directory volume needs root.
+    #[error("-v {0}: sharing a directory needs root (virtiofsd keeps the guest's owners only as root); use a disk image (a name ending in .img) instead")]
+    ShareNeedsRoot(String),
+    /// The virtiofs daemon did not come up.
+    #[error("-v {spec}: virtiofsd did not start ({why})")]
+    Virtiofsd {
+        /// The volume.
+        spec: String,
+        /// What it said, or how it ended.
+        why: String,
+    },
     /// A forwarded host port is taken.
     #[error("host port {0} is already in use")]
     PortBusy(String),
@@ -154,6 +175,15 @@ pub fn qemu_model(opts: &RunOptions, monitor: Option<&Path>) -> qemu::Qemu {
             .collect();
         over["sysctl"] = serde_json::Value::Object(sysctl);
     }
+    if !opts.volumes.is_empty() {
+        let mount: serde_json::Map<String, serde_json::Value> = opts
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.spec.target.clone(), v.mount_entry(i)))
+            .collect();
+        over["mount"] = serde_json::Value::Object(mount);
+    }
     let mut append = format!(
         "{}={}",
         oci2uk_config::guest::OVERRIDE_PARAM,
@@ -177,13 +207,28 @@ pub fn qemu_model(opts: &RunOptions, monitor: Option<&Path>) -> qemu::Qemu {
     }
 }
 
+/// The devices that carry the volumes, with the virtiofs daemons' sockets in `dir`.
+pub fn volume_devices(opts: &RunOptions, dir: &Path) -> qemu::Devices {
+    let mut devices = qemu::Devices::default();
+    for (i, v) in opts.volumes.iter().enumerate() {
+        devices.disks.extend(v.disk(i));
+        devices.shares.extend(v.share(i, dir));
+    }
+    devices
+}
+
 /// The QEMU arguments for a run (without the binary).
-pub fn qemu_args(opts: &RunOptions, accel: Accel, monitor: Option<&Path>) -> Vec<String> {
+pub fn qemu_args(
+    opts: &RunOptions,
+    accel: Accel,
+    monitor: Option<&Path>,
+    devices: &qemu::Devices,
+) -> Vec<String> {
     let accel = match accel {
         Accel::Kvm => qemu::Accel::Kvm,
         Accel::Auto | Accel::Tcg => qemu::Accel::Tcg,
     };
-    qemu_model(opts, monitor).args(qemu::Machine::Microvm, accel)
+    qemu_model(opts, monitor).args_with(qemu::Machine::Microvm, accel, devices)
 }
 
 /// How the application ended: what the guest's last line said, or a hard stop.
@@ -284,10 +329,100 @@ fn find_qemu(qemu: &Path) -> Result<PathBuf, RunError> {
 }
 
 /// Checks what would stop the VM from starting, so that the caller can say it before
-/// anything else: QEMU is installed, every forwarded host port is free.
+/// anything else: QEMU is installed, every forwarded host port is free, a shared directory
+/// can be served.
 pub fn preflight(opts: &RunOptions) -> Result<(), RunError> {
     find_qemu(&opts.qemu)?;
+    check_shares(opts)?;
     check_ports(&opts.ports)
+}
+
+/// The virtiofs daemon, when a volume is a directory; an error naming the first such volume
+/// when it cannot be served.
+fn check_shares(opts: &RunOptions) -> Result<Option<PathBuf>, RunError> {
+    let Some(v) = opts
+        .volumes
+        .iter()
+        .find(|v| v.kind == VolumeKind::Directory)
+    else {
+        return Ok(None);
+    };
+    if !volume::is_root() {
+        return Err(RunError::ShareNeedsRoot(v.spec.to_string()));
+    }
+    volume::find_virtiofsd()
+        .map(Some)
+        .ok_or_else(|| RunError::NoVirtiofsd(v.spec.to_string()))
+}
+
+/// How long a virtiofs daemon has to create its socket.
+const VIRTIOFSD_START: Duration = Duration::from_secs(10);
+
+/// Starts a virtiofs daemon for every directory volume, its socket in `dir`, and waits until
+/// each listens. Each is tied to our lifetime as QEMU is, and in its own process group, so a
+/// ctrl-C at the terminal leaves it serving the guest while the guest stops; it ends by
+/// itself when QEMU disconnects.
+async fn start_shares(
+    opts: &RunOptions,
+    dir: &Path,
+) -> Result<Vec<tokio::process::Child>, RunError> {
+    let Some(daemon) = check_shares(opts)? else {
+        return Ok(Vec::new());
+    };
+    let mut children = Vec::new();
+    for (i, v) in opts.volumes.iter().enumerate() {
+        if v.kind != VolumeKind::Directory {
+            continue;
+        }
+        let socket = volume::share_socket(dir, i);
+        let log = dir.join(format!("virtiofs{i}.log"));
+        let mut cmd = match find_program(Path::new(PDEATHSIG[0])) {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(&PDEATHSIG[1..]).arg("--").arg(&daemon);
+                c
+            }
+            None => Command::new(&daemon),
+        };
+        cmd.args(volume::virtiofsd_args(&socket, &v.source))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .process_group(0);
+        let spec = v.spec.to_string();
+        let mut child = cmd.spawn().map_err(|e| RunError::Virtiofsd {
+            spec: spec.clone(),
+            why: format!("{}: {e}", daemon.display()),
+        })?;
+        let start = tokio::time::Instant::now();
+        while !socket.exists() {
+            let last_line = || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            if let Some(st) = child.try_wait()? {
+                return Err(RunError::Virtiofsd {
+                    spec,
+                    why: format!("{st}: {}", last_line()),
+                });
+            }
+            if start.elapsed() > VIRTIOFSD_START {
+                return Err(RunError::Virtiofsd {
+                    spec,
+                    why: format!("no socket after {} s", VIRTIOFSD_START.as_secs()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        children.push(child);
+    }
+    Ok(children)
 }
 
 /// `program` as a path to an executable file: itself when it names a directory, else the
@@ -389,7 +524,15 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let monitor = Monitor::bind()?;
-    let mut cmd = qemu_process(&opts.qemu, qemu_args(opts, accel, Some(monitor.path())))?;
+    let share_dir = tempfile::Builder::new()
+        .prefix("oci2uk-volumes-")
+        .tempdir()?;
+    let _daemons = start_shares(opts, share_dir.path()).await?;
+    let devices = volume_devices(opts, share_dir.path());
+    let mut cmd = qemu_process(
+        &opts.qemu,
+        qemu_args(opts, accel, Some(monitor.path()), &devices),
+    )?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -562,13 +705,19 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             stop_timeout: Duration::from_secs(3),
             keep_crlf: false,
+            volumes: Vec::new(),
         }
     }
 
     #[test]
     fn qemu_command() {
         let opts = options();
-        let args = qemu_args(&opts, Accel::Tcg, Some(Path::new("/run/q.sock")));
+        let args = qemu_args(
+            &opts,
+            Accel::Tcg,
+            Some(Path::new("/run/q.sock")),
+            &qemu::Devices::default(),
+        );
         let joined = args.join(" ");
         assert!(joined.contains("-m 320"), "{joined}");
         assert!(joined.contains("hostfwd=tcp::8080-:80"), "{joined}");
@@ -597,7 +746,7 @@ mod tests {
             debug: true,
             ..options()
         };
-        let args = qemu_args(&debug, Accel::Tcg, None);
+        let args = qemu_args(&debug, Accel::Tcg, None, &qemu::Devices::default());
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(append.starts_with("loglevel=7 oci2uk.debug=1 "), "{append}");
         assert!(oci2uk_config::find_override(append).is_some());
