@@ -41,6 +41,9 @@ pub struct Sink {
 enum SinkInner {
     File { file: FileWriter, dest: PathBuf },
     Stdout(io::BufWriter<io::Stdout>),
+    /// A destination that exists and is not a regular file (`/dev/null`, a FIFO, a terminal):
+    /// written into as it is, since renaming a file over it would replace the device.
+    Special(io::BufWriter<std::fs::File>),
 }
 
 /// Output chunk handed to the writing thread.
@@ -139,16 +142,25 @@ impl Drop for FileWriter {
 
 impl Sink {
     /// Opens an output at `dest`: a temporary file beside it, or standard output. A directory
-    /// is refused.
+    /// is refused; an existing device, FIFO or socket (`-o /dev/null`) is written into.
     pub fn open(dest: &Destination) -> io::Result<Self> {
         let inner = match dest {
             Destination::Stdout => SinkInner::Stdout(io::BufWriter::new(io::stdout())),
             Destination::Path(p) => {
-                if p.is_dir() {
+                let meta = std::fs::metadata(p).ok();
+                if meta.as_ref().is_some_and(|m| m.is_dir()) {
                     return Err(io::Error::new(
                         io::ErrorKind::IsADirectory,
                         "it is a directory; name a file",
                     ));
+                }
+                if meta.is_some_and(|m| !m.is_file()) {
+                    let f = std::fs::OpenOptions::new().write(true).open(p)?;
+                    return Ok(Self {
+                        inner: SinkInner::Special(io::BufWriter::new(f)),
+                        hasher: Hasher::sha256(),
+                        size: 0,
+                    });
                 }
                 let dir = match p.parent() {
                     Some(d) if !d.as_os_str().is_empty() => d,
@@ -174,7 +186,7 @@ impl Sink {
     pub fn dest_path(&self) -> Option<PathBuf> {
         match &self.inner {
             SinkInner::File { dest, .. } => Some(dest.clone()),
-            SinkInner::Stdout(_) => None,
+            SinkInner::Stdout(_) | SinkInner::Special(_) => None,
         }
     }
 
@@ -186,6 +198,11 @@ impl Sink {
         let mut from = std::fs::File::open(src)?;
         let size = match self.inner {
             SinkInner::Stdout(mut w) => {
+                let n = io::copy(&mut from, &mut w)?;
+                w.flush()?;
+                n
+            }
+            SinkInner::Special(mut w) => {
                 let n = io::copy(&mut from, &mut w)?;
                 w.flush()?;
                 n
@@ -205,6 +222,10 @@ impl Sink {
     pub fn finish(self) -> io::Result<(Digest, u64)> {
         let digest = match self.inner {
             SinkInner::Stdout(mut w) => {
+                w.flush()?;
+                self.hasher.finish()
+            }
+            SinkInner::Special(mut w) => {
                 w.flush()?;
                 self.hasher.finish()
             }
@@ -240,6 +261,11 @@ impl Write for Sink {
                 self.hasher.update(&buf[..n]);
                 n
             }
+            SinkInner::Special(w) => {
+                let n = w.write(buf)?;
+                self.hasher.update(&buf[..n]);
+                n
+            }
         };
         self.size += n as u64;
         Ok(n)
@@ -250,6 +276,7 @@ impl Write for Sink {
             // Chunks reach the file as they fill; finish() writes the rest.
             SinkInner::File { .. } => Ok(()),
             SinkInner::Stdout(w) => w.flush(),
+            SinkInner::Special(w) => w.flush(),
         }
     }
 }
@@ -257,6 +284,40 @@ impl Write for Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_or_fifo_is_written_into_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs (coreutils)");
+        assert!(ok.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        let mut s = Sink::open(&Destination::Path(fifo.clone())).unwrap();
+        assert_eq!(s.dest_path(), None);
+        s.write_all(b"through the pipe").unwrap();
+        let (d, n) = s.finish().unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert_eq!(n, 16);
+        let mut h = Hasher::sha256();
+        h.update(b"through the pipe");
+        assert_eq!(d, h.finish());
+        let meta = std::fs::metadata(&fifo).unwrap();
+        assert!(meta.file_type().is_fifo(), "still a FIFO");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        let mut s = Sink::open(&Destination::Path("/dev/null".into())).unwrap();
+        s.write_all(b"gone").unwrap();
+        s.finish().unwrap();
+        let null = std::fs::metadata("/dev/null").unwrap();
+        assert!(null.file_type().is_char_device(), "/dev/null is still a device");
+    }
 
     #[test]
     fn sink_is_atomic() {
