@@ -9,7 +9,7 @@ use std::os::unix::fs::{lchown, symlink, DirBuilderExt, MetadataExt, Permissions
 use std::path::{Path, PathBuf};
 
 use libc::c_ulong;
-use oci2uk_config::{Mount, MountSource};
+use oci2uk_config::Mount;
 
 use crate::sys;
 use crate::Error;
@@ -146,15 +146,6 @@ pub fn mount_tmp_and_run() -> Result<(), Error> {
     mount_tmpfs(Path::new("/run"), &run)
 }
 
-/// Mounts one entry of the configuration's `mount`.
-pub fn mount_config(mountpoint: &str, m: &Mount) -> Result<(), Error> {
-    match m.source {
-        MountSource::Tmpfs => mount_tmpfs(Path::new(mountpoint), m),
-        MountSource::Blk => crate::volume::mount_blk(mountpoint, m),
-        MountSource::Virtiofs => crate::volume::mount_virtiofs(mountpoint, m),
-    }
-}
-
 /// Splits mount options into flags and the data string.
 pub(crate) fn options(m: &Mount) -> (c_ulong, Vec<String>) {
     let mut flags = 0;
@@ -188,7 +179,7 @@ pub(crate) fn options(m: &Mount) -> (c_ulong, Vec<String>) {
 /// A tmpfs over `mountpoint` with the directory's owner and mode (or the configured ones) and,
 /// when seeding, its content copied in, owners, modes, times and xattrs kept. The image's
 /// files are removed from under the mount point (they would be hidden anyway) to free memory.
-fn mount_tmpfs(mountpoint: &Path, m: &Mount) -> Result<(), Error> {
+pub(crate) fn mount_tmpfs(mountpoint: &Path, m: &Mount) -> Result<(), Error> {
     let mp_s = mountpoint.display().to_string();
     ensure_dir(mountpoint, 0o755).map_err(|e| Error::io(format!("creating {mp_s}"), e))?;
     // A mount point that is a symlink in the image (/var/run -> /run) is mounted where it

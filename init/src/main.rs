@@ -155,7 +155,7 @@ fn boot() -> Result<sys::Exit, Error> {
 
     fs::mount_tmp_and_run()?;
     for (mountpoint, m) in &config.mount {
-        fs::mount_config(mountpoint, m)?;
+        volume::mount_config(mountpoint, m)?;
     }
     step(|| "mounts done".into());
 

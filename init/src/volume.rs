@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use oci2uk_config::Mount;
+use oci2uk_config::{Mount, MountSource};
 
-use crate::fs::{copy_dir_content, ensure_dir, options as mount_options};
+use crate::fs::{copy_dir_content, ensure_dir, mount_tmpfs, options as mount_options};
 use crate::sys;
 use crate::Error;
 
@@ -75,6 +75,15 @@ fn by_serial(serial: &str) -> Option<PathBuf> {
         let s = fs::read_to_string(e.path().join("serial")).ok()?;
         (s.trim_end_matches(['\n', '\0']) == serial).then(|| Path::new("/dev").join(e.file_name()))
     })
+}
+
+/// Mounts one entry of the configuration's `mount`: a tmpfs, a disk or a shared directory.
+pub fn mount_config(mountpoint: &str, m: &Mount) -> Result<(), Error> {
+    match m.source {
+        MountSource::Tmpfs => mount_tmpfs(Path::new(mountpoint), m),
+        MountSource::Blk => mount_blk(mountpoint, m),
+        MountSource::Virtiofs => mount_virtiofs(mountpoint, m),
+    }
 }
 
 /// Mounts a `blk` entry: the device's file system over `mountpoint`, seeded first when it is

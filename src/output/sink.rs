@@ -39,7 +39,10 @@ pub struct Sink {
 }
 
 enum SinkInner {
-    File { file: FileWriter, dest: PathBuf },
+    File {
+        file: FileWriter,
+        dest: PathBuf,
+    },
     Stdout(io::BufWriter<io::Stdout>),
     /// A destination that exists and is not a regular file (`/dev/null`, a FIFO, a terminal):
     /// written into as it is, since renaming a file over it would replace the device.
@@ -316,7 +319,10 @@ mod tests {
         s.write_all(b"gone").unwrap();
         s.finish().unwrap();
         let null = std::fs::metadata("/dev/null").unwrap();
-        assert!(null.file_type().is_char_device(), "/dev/null is still a device");
+        assert!(
+            null.file_type().is_char_device(),
+            "/dev/null is still a device"
+        );
     }
 
     #[test]
