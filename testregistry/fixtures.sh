@@ -13,6 +13,7 @@
 #                nginx (gzip)  nginx-zstd  nginx-raw (uncompressed layers); no nginx-docker,
 #                see build()
 #                guestcheck (busybox plus a layer with guestcheck/check.sh, for the VM tests)
+#                postgres (Debian's postgresql-15 on the nginx image's base layer; layout only)
 # Registry names: busybox:latest busybox:arm64 multi:latest
 #                 nginx:latest nginx:zstd nginx:raw nginx:docker (Docker schema 2)
 #                 guestcheck:latest
@@ -123,6 +124,8 @@ path-exclude /usr/share/lintian/*
 EOF
     umoci repack --image "$oci:nginx" --history.created_by "debootstrap --variant=minbase bookworm" "$b1"
     rm -rf --one-file-system "$b1"
+    # The postgres image starts from this same layer: one debootstrap for both.
+    umoci tag --image "$oci:nginx" postgres
 
     # Layer 2: nginx from Debian, configured like the official image, plus deliberate deletions
     # and hardlinks so that flatten has whiteouts and link groups to get right.
@@ -195,6 +198,94 @@ EOF
         --config.exposedports 80/tcp --config.stopsignal SIGQUIT \
         --config.label org.opencontainers.image.title=oci2uk-nginx-fixture \
         --history.created_by 'CMD ["nginx" "-g" "daemon off;"]'
+}
+
+# The postgres image: the nginx image's base layer, then Debian's postgresql-15, set up the way
+# the official postgres image is: an entrypoint that makes a database cluster in an empty $PGDATA
+# (a new volume) and then runs postgres as the postgres user, stopped by SIGINT (fast shutdown).
+build_postgres() {
+    local b=$scratch/postgres
+    umoci unpack --image "$oci:postgres" "$b" >/dev/null
+    local root=$b/rootfs
+    # As for nginx: what apt and maintainer scripts need, removed again before repacking.
+    mknod -m 0666 "$root/dev/null" c 1 3
+    mknod -m 0666 "$root/dev/zero" c 1 5
+    mknod -m 0666 "$root/dev/random" c 1 8
+    mknod -m 0666 "$root/dev/urandom" c 1 9
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    printf '#!/bin/sh\n# no services start while building an image\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 0755 "$root/usr/sbin/policy-rc.d"
+    # No cluster in /var/lib/postgresql/15/main from the package's postinst: the entrypoint makes
+    # one in $PGDATA, as the official image does.
+    mkdir -p "$root/etc/postgresql-common"
+    printf 'create_main_cluster = false\n' >"$root/etc/postgresql-common/createcluster.conf"
+    log "installing postgresql-15 in the chroot"
+    local chroot_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8)
+    {
+        chroot "$root" "${chroot_env[@]}" apt-get update -q &&
+            chroot "$root" "${chroot_env[@]}" apt-get install -y -q --no-install-recommends postgresql-15
+    } >"$scratch/apt-postgres.log" 2>&1 ||
+        { tail -n 30 "$scratch/apt-postgres.log" >&2; die "installing postgresql-15 failed"; }
+    [[ -x $root/usr/bin/setpriv ]] || die "postgres: no setpriv in the chroot"
+    [[ -x $root/usr/lib/postgresql/15/bin/postgres ]] || die "postgres: no postgres binary"
+    # Slimmer: the JIT (LLVM and its libz3, over 120 MB; postgres runs without JIT when its
+    # provider is missing) and the locale sources (the cluster uses C.UTF-8, built into glibc).
+    rm -rf "${root:?}"/usr/lib/postgresql/15/lib/llvmjit* "${root:?}"/usr/lib/postgresql/15/lib/bitcode \
+        "${root:?}"/usr/lib/*-linux-gnu/libLLVM-*.so* "${root:?}"/usr/lib/*-linux-gnu/libz3.so* \
+        "${root:?}"/usr/share/i18n/*
+    rm -rf "${root:?}"/var/lib/apt/lists/* "${root:?}"/var/cache/apt/* "${root:?}"/var/cache/debconf/*-old \
+        "${root:?}"/var/lib/dpkg/*-old "${root:?}"/var/log/*.log "${root:?}"/var/log/apt/* \
+        "${root:?}"/dev/* "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
+    # $PGDATA belongs to postgres in the image, so a volume seeded from it does too.
+    mkdir -p "$root/var/lib/postgresql/data"
+    chroot "$root" chown postgres:postgres /var/lib/postgresql/data
+    chmod 0700 "$root/var/lib/postgresql/data"
+    cat >"$root/usr/local/bin/docker-entrypoint.sh" <<'EOF'
+#!/bin/sh
+# The oci2uk postgres fixture's entrypoint, after the official image's docker-entrypoint.sh:
+# runs as root, makes a database cluster when $PGDATA holds none, then runs the command (postgres)
+# as the postgres user. setpriv (util-linux) stands in for gosu.
+set -eu
+: "${PGDATA:=/var/lib/postgresql/data}"
+export PGDATA
+as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+
+# The socket directory is on /run, a tmpfs in the guest.
+mkdir -p "$PGDATA" /var/run/postgresql
+chown postgres:postgres "$PGDATA" /var/run/postgresql
+chmod 0700 "$PGDATA"
+chmod 2775 /var/run/postgresql
+
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    # A new ext4 volume holds an empty lost+found, and initdb wants an empty directory.
+    if [ -d "$PGDATA/lost+found" ]; then rmdir "$PGDATA/lost+found"; fi
+    echo "docker-entrypoint: initializing a database cluster in $PGDATA"
+    as_postgres initdb --username=postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 -D "$PGDATA"
+    # A test fixture: any host may connect as any user, with no password. Never do this with
+    # data that matters.
+    printf '%s\n' 'host all all 0.0.0.0/0 trust' 'host all all ::/0 trust' >>"$PGDATA/pg_hba.conf"
+    printf '%s\n' "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
+    echo "docker-entrypoint: database cluster ready"
+else
+    echo "docker-entrypoint: $PGDATA holds a database; skipping initialization"
+fi
+
+if [ "${1:-}" = postgres ]; then
+    exec setpriv --reuid=postgres --regid=postgres --init-groups "$@"
+fi
+exec "$@"
+EOF
+    chmod 0755 "$root/usr/local/bin/docker-entrypoint.sh"
+    umoci repack --image "$oci:postgres" \
+        --history.created_by "apt-get install --no-install-recommends postgresql-15; docker-entrypoint.sh" "$b"
+    rm -rf --one-file-system "$b"
+    umoci config --image "$oci:postgres" --os linux --architecture "$arch" \
+        --config.env PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --config.env PGDATA=/var/lib/postgresql/data --config.env LANG=C.UTF-8 \
+        --config.entrypoint docker-entrypoint.sh --config.cmd postgres \
+        --config.exposedports 5432/tcp --config.stopsignal SIGINT --config.volume /var/lib/postgresql/data \
+        --config.label org.opencontainers.image.title=oci2uk-postgres-fixture \
+        --history.created_by 'ENTRYPOINT ["docker-entrypoint.sh"]; CMD ["postgres"]; STOPSIGNAL SIGINT; EXPOSE 5432'
 }
 
 # The guestcheck image: the busybox image plus one layer holding guestcheck/check.sh, which checks
@@ -320,6 +411,17 @@ usr/local/share/oci2uk/more-links/c link to usr/local/share/oci2uk/links/a"
     done
 }
 
+# check_postgres LAYOUT: fail unless the configuration is the one the postgres test relies on.
+check_postgres() {
+    local dir=$1 m c
+    m=$(tag_digest postgres "$dir")
+    c=$(jq -r .config.digest "$dir/blobs/sha256/${m#sha256:}")
+    jq -e '.config | .Entrypoint == ["docker-entrypoint.sh"] and .Cmd == ["postgres"]
+        and .StopSignal == "SIGINT" and (.ExposedPorts | keys) == ["5432/tcp"]
+        and (.Env | index("PGDATA=/var/lib/postgresql/data") != null)' \
+        "$dir/blobs/sha256/${c#sha256:}" >/dev/null || die "postgres: unexpected config"
+}
+
 # check_guestcheck LAYOUT: fail unless the configuration is the one check.sh expects (a wrong
 # umoci flag would otherwise show only as failed checks in a booted guest).
 check_guestcheck() {
@@ -358,6 +460,8 @@ build() {
     build_busybox amd64 busybox
     build_busybox arm64 busybox-arm64
     build_nginx
+    log "building postgres"
+    build_postgres
     log "building guestcheck"
     build_guestcheck
     # Drop the intermediate manifests and configs every umoci step leaves behind.
@@ -379,7 +483,9 @@ build() {
     check_layers "$dir" nginx-zstd application/vnd.oci.image.layer.v1.tar+zstd 3
     check_layers "$dir" nginx-raw application/vnd.oci.image.layer.v1.tar 3
     check_layers "$dir" guestcheck application/vnd.oci.image.layer.v1.tar+gzip 2
+    check_layers "$dir" postgres application/vnd.oci.image.layer.v1.tar+gzip 2
     check_guestcheck "$dir"
+    check_postgres "$dir"
     check_nginx "$dir"
 
     rm -rf --one-file-system "$scratch"

@@ -12,6 +12,7 @@ packages=(
     apache2-utils     # htpasswd, to write a bcrypt password file for the registry
     python3 python3-cryptography  # the token service signs its JWTs with python3-cryptography
     openssl jq curl ca-certificates
+    postgresql-client # psql, which the postgres VM test talks to the guest with
 )
 
 missing=()

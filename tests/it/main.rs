@@ -3,10 +3,10 @@
 //! The tests in `registry`, `repro` and `faults` need the loopback test registry and its fixtures
 //! (`testregistry/up.sh`, then `source /tmp/oci2uk-testreg/env`); they are built with the
 //! `registry-tests` feature, which the README's test command and `.ci/run` enable. The ones
-//! in `vm`, `guest`, `rootfs`, `stop`, `push` and `volume` boot VMs through the harness in
-//! `support`; they are built with `vm-tests`, which `.ci/run` enables too. Those in `xen` boot
-//! guests under a real Xen, the test host `testxen/up.sh DIR` starts (`OCI2UK_XEN_DIR=DIR`);
-//! they are built with `xen-tests`.
+//! in `vm`, `guest`, `rootfs`, `stop`, `push`, `volume` and `postgres` boot VMs through the
+//! harness in `support`; they are built with `vm-tests`, which `.ci/run` enables too. Those in
+//! `xen` boot guests under a real Xen, the test host `testxen/up.sh DIR` starts
+//! (`OCI2UK_XEN_DIR=DIR`); they are built with `xen-tests`.
 
 mod cli;
 mod conformance;
@@ -15,6 +15,8 @@ mod faults;
 #[cfg(feature = "vm-tests")]
 mod guest;
 mod hostile;
+#[cfg(feature = "vm-tests")]
+mod postgres;
 #[cfg(feature = "vm-tests")]
 mod push;
 #[cfg(feature = "registry-tests")]
