@@ -17,15 +17,21 @@ const REQUEST: u8 = 3;
 const ACK: u8 = 5;
 const NAK: u8 = 6;
 
-/// How often a request is sent again when no answer came.
+/// How soon a request is sent again when no answer came; each retry waits twice as long as
+/// the one before, up to [`MAX_RETRY`]. A server that is slow to answer (one busy in a loaded
+/// dom0, or probing an address with ARP first) gets fewer duplicates to work through.
 const RETRY: Duration = Duration::from_millis(250);
+/// The longest wait between two sends.
+const MAX_RETRY: Duration = Duration::from_secs(2);
 /// How long the whole exchange may take where the server answers at once (QEMU's user
 /// network, a host's dnsmasq).
 pub const BUDGET: Duration = Duration::from_secs(4);
 /// The same on Xen, where the server sits on dom0's bridge: the guest's port joins the bridge
 /// only when dom0's hotplug script has run, which can take seconds after the interface came
 /// up, and a server may probe an address (busybox udhcpd: ARP, up to 2 s) before offering it.
-pub const XEN_BUDGET: Duration = Duration::from_secs(20);
+/// Under nested emulation a loaded dom0 has taken longer than 20 s to answer: a guest without
+/// its address serves nothing, so it waits up to a minute.
+pub const XEN_BUDGET: Duration = Duration::from_secs(60);
 
 /// What the server gave.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -204,9 +210,11 @@ fn exchange(
     deadline: Instant,
 ) -> std::io::Result<Option<Reply>> {
     let mut buf = [0u8; 1500];
+    let mut wait = RETRY;
     while Instant::now() < deadline {
         sock.send_to(msg, to)?;
-        let resend = (Instant::now() + RETRY).min(deadline);
+        let resend = (Instant::now() + wait).min(deadline);
+        wait = (wait * 2).min(MAX_RETRY);
         loop {
             let now = Instant::now();
             if now >= resend {
