@@ -14,6 +14,7 @@
 #                see build()
 #                guestcheck (busybox plus a layer with guestcheck/check.sh, for the VM tests)
 #                postgres (Debian's postgresql-15 on the nginx image's base layer; layout only)
+#                redis (Debian's redis-server on the same base layer; layout only)
 # Registry names: busybox:latest busybox:arm64 multi:latest
 #                 nginx:latest nginx:zstd nginx:raw nginx:docker (Docker schema 2)
 #                 guestcheck:latest
@@ -124,8 +125,9 @@ path-exclude /usr/share/lintian/*
 EOF
     umoci repack --image "$oci:nginx" --history.created_by "debootstrap --variant=minbase bookworm" "$b1"
     rm -rf --one-file-system "$b1"
-    # The postgres image starts from this same layer: one debootstrap for both.
+    # The postgres and redis images start from this same layer: one debootstrap for all three.
     umoci tag --image "$oci:nginx" postgres
+    umoci tag --image "$oci:nginx" redis
 
     # Layer 2: nginx from Debian, configured like the official image, plus deliberate deletions
     # and hardlinks so that flatten has whiteouts and link groups to get right.
@@ -288,6 +290,68 @@ EOF
         --history.created_by 'ENTRYPOINT ["docker-entrypoint.sh"]; CMD ["postgres"]; STOPSIGNAL SIGINT; EXPOSE 5432'
 }
 
+# The redis image: the nginx image's base layer, then Debian's redis-server (redis 7.0), run the
+# way the official image runs it: redis-server in the foreground as the redis user, in /data,
+# reachable from outside the VM (no protected mode, every address), stopped by SIGTERM (which
+# redis answers by shutting down cleanly).
+build_redis() {
+    local b=$scratch/redis
+    umoci unpack --image "$oci:redis" "$b" >/dev/null
+    local root=$b/rootfs
+    # As for nginx: what apt and maintainer scripts need, removed again before repacking.
+    mknod -m 0666 "$root/dev/null" c 1 3
+    mknod -m 0666 "$root/dev/zero" c 1 5
+    mknod -m 0666 "$root/dev/random" c 1 8
+    mknod -m 0666 "$root/dev/urandom" c 1 9
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    printf '#!/bin/sh\n# no services start while building an image\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 0755 "$root/usr/sbin/policy-rc.d"
+    log "installing redis-server in the chroot"
+    local chroot_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8)
+    {
+        chroot "$root" "${chroot_env[@]}" apt-get update -q &&
+            chroot "$root" "${chroot_env[@]}" apt-get install -y -q --no-install-recommends redis-server
+    } >"$scratch/apt-redis.log" 2>&1 ||
+        { tail -n 30 "$scratch/apt-redis.log" >&2; die "installing redis-server failed"; }
+    [[ -x $root/usr/bin/redis-server ]] || die "redis: no redis-server binary"
+    chroot "$root" getent passwd redis >/dev/null || die "redis: the package made no redis user"
+    local version
+    version=$(chroot "$root" /usr/bin/redis-server --version) || die "redis: redis-server --version failed"
+    [[ $version == "Redis server v=7."* ]] || die "redis: unexpected version: $version"
+    rm -rf "${root:?}"/var/lib/apt/lists/* "${root:?}"/var/cache/apt/* "${root:?}"/var/cache/debconf/*-old \
+        "${root:?}"/var/lib/dpkg/*-old "${root:?}"/var/log/*.log "${root:?}"/var/log/apt/* \
+        "${root:?}"/dev/* "$root/etc/resolv.conf" "$root/usr/sbin/policy-rc.d"
+    # The working directory, as in the official image: redis's, where it would write a dump.
+    mkdir -p "$root/data"
+    chroot "$root" chown redis:redis /data
+    # The official image's way to configure redis: a file named on the command line, the rest
+    # left at redis's defaults. A file rather than `--save ""` in Cmd: umoci drops an empty
+    # argument from Cmd. Debian's /etc/redis/redis.conf (loopback only, daemonized, logging to
+    # a file) is not used.
+    mkdir -p "$root/usr/local/etc/redis"
+    cat >"$root/usr/local/etc/redis/redis.conf" <<'EOF'
+# The oci2uk redis fixture: the settings the official image's build gives redis.
+# Reachable through a forwarded port: no protected mode, every address.
+protected-mode no
+bind 0.0.0.0
+# No persistence (no RDB snapshots; append-only stays off): the guest's root file system lives in
+# its memory, so a dump would take memory from the data set it saves, and the fork that writes it
+# doubles the pages written meanwhile; nothing outlives the VM anyway.
+save ""
+EOF
+    chmod 0644 "$root/usr/local/etc/redis/redis.conf"
+    umoci repack --image "$oci:redis" \
+        --history.created_by "apt-get install --no-install-recommends redis-server; redis.conf" "$b"
+    rm -rf --one-file-system "$b"
+    umoci config --image "$oci:redis" --os linux --architecture "$arch" \
+        --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --config.user redis --config.workingdir /data \
+        --config.cmd redis-server --config.cmd /usr/local/etc/redis/redis.conf \
+        --config.exposedports 6379/tcp --config.stopsignal SIGTERM \
+        --config.label org.opencontainers.image.title=oci2uk-redis-fixture \
+        --history.created_by 'USER redis; WORKDIR /data; CMD ["redis-server" "/usr/local/etc/redis/redis.conf"]; STOPSIGNAL SIGTERM; EXPOSE 6379'
+}
+
 # The guestcheck image: the busybox image plus one layer holding guestcheck/check.sh, which checks
 # from inside a booted guest that the configuration below took effect as docker applies it:
 # a relative Entrypoint found in the WorkingDir, Cmd arguments (one with a space, one a glob
@@ -422,6 +486,18 @@ check_postgres() {
         "$dir/blobs/sha256/${c#sha256:}" >/dev/null || die "postgres: unexpected config"
 }
 
+# check_redis LAYOUT: fail unless the configuration is the one the redis test relies on.
+check_redis() {
+    local dir=$1 m c
+    m=$(tag_digest redis "$dir")
+    c=$(jq -r .config.digest "$dir/blobs/sha256/${m#sha256:}")
+    jq -e '.config | .Entrypoint == null
+        and .Cmd == ["redis-server", "/usr/local/etc/redis/redis.conf"]
+        and .User == "redis" and .WorkingDir == "/data"
+        and .StopSignal == "SIGTERM" and (.ExposedPorts | keys) == ["6379/tcp"]' \
+        "$dir/blobs/sha256/${c#sha256:}" >/dev/null || die "redis: unexpected config"
+}
+
 # check_guestcheck LAYOUT: fail unless the configuration is the one check.sh expects (a wrong
 # umoci flag would otherwise show only as failed checks in a booted guest).
 check_guestcheck() {
@@ -462,6 +538,8 @@ build() {
     build_nginx
     log "building postgres"
     build_postgres
+    log "building redis"
+    build_redis
     log "building guestcheck"
     build_guestcheck
     # Drop the intermediate manifests and configs every umoci step leaves behind.
@@ -484,8 +562,10 @@ build() {
     check_layers "$dir" nginx-raw application/vnd.oci.image.layer.v1.tar 3
     check_layers "$dir" guestcheck application/vnd.oci.image.layer.v1.tar+gzip 2
     check_layers "$dir" postgres application/vnd.oci.image.layer.v1.tar+gzip 2
+    check_layers "$dir" redis application/vnd.oci.image.layer.v1.tar+gzip 2
     check_guestcheck "$dir"
     check_postgres "$dir"
+    check_redis "$dir"
     check_nginx "$dir"
 
     rm -rf --one-file-system "$scratch"

@@ -13,6 +13,7 @@ packages=(
     python3 python3-cryptography  # the token service signs its JWTs with python3-cryptography
     openssl jq curl ca-certificates
     postgresql-client # psql, which the postgres VM test talks to the guest with
+    redis-tools       # redis-cli, which the redis VM test talks to the guest with
 )
 
 missing=()
