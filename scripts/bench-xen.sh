@@ -64,7 +64,6 @@ xl create $share/xen-$type.cfg 'name="$name"' 'kernel="$share/$elf"' >/dev/null 
 ok=
 for _ in \$(seq 600); do
     mac=\$(xl network-list $name 2>/dev/null | awk 'NR == 2 { print \$3 }')
-    kill -USR1 \$(pidof udhcpd) 2>/dev/null
     addr=\$(dumpleases -f /var/lib/misc/udhcpd.leases 2>/dev/null | awk -v m="\$mac" 'tolower(\$1) == tolower(m) { print \$2 }' | head -1)
     if [ -n "\$addr" ] && timeout 10 wget -q -O /dev/null "http://\$addr/" 2>/dev/null; then ok=1; break; fi
     xl list $name >/dev/null 2>&1 || break

@@ -224,9 +224,9 @@ impl Domain {
         let find = match addr {
             Some(a) => format!("addr={a}"),
             None => format!(
-                // udhcpd writes its leases file on SIGUSR1.
+                // dom0's udhcpd writes its leases file every second (`auto_time 1`); a
+                // SIGUSR1 instead would restart the ARP probe it makes before an offer.
                 "mac=$(xl network-list {name} | awk 'NR == 2 {{ print $3 }}')\n\
-                 kill -USR1 $(pidof udhcpd); sleep 0.2\n\
                  addr=$(dumpleases -f /var/lib/misc/udhcpd.leases | \
                  awk -v m=\"$mac\" 'tolower($1) == tolower(m) {{ print $2 }}' | head -1)\n\
                  [ -n \"$addr\" ] || {{ echo \"no lease for $mac\"; exit 1; }}",
