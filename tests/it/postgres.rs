@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{wait_until, Guest};
+use crate::support::Guest;
 use crate::util::*;
 
 /// How long a boot may take until postgres answers (TCG on a busy machine; the first run
@@ -40,36 +40,10 @@ fn psql(port: u16, sql: &str) -> Result<String, String> {
 /// Waits until postgres answers `select 1` on `port`; panics with the console and psql's last
 /// error when the guest ends first or `timeout` passes.
 fn wait_ready(vm: &mut Guest, port: u16, timeout: Duration) {
-    let mut last = String::new();
-    let mut ended = None;
-    let ready = wait_until(timeout, Duration::from_millis(500), || {
-        ended = vm.poll();
-        if ended.is_some() {
-            return true;
-        }
-        match psql(port, "select 1") {
-            Ok(out) if out == "1" => true,
-            Ok(out) => {
-                last = out;
-                false
-            }
-            Err(e) => {
-                last = e;
-                false
-            }
-        }
+    vm.wait_answering("postgres", timeout, || match psql(port, "select 1") {
+        Ok(out) if out == "1" => Ok(()),
+        Ok(out) | Err(out) => Err(format!("psql: {out}")),
     });
-    if let Some(st) = ended {
-        panic!(
-            "the guest ended ({st}) before postgres answered; console:\n{}",
-            vm.console()
-        );
-    }
-    assert!(
-        ready,
-        "postgres did not answer after {timeout:?} (psql: {last}); console:\n{}",
-        vm.console()
-    );
 }
 
 /// `oci2uk run ELF` with the port and the volume.

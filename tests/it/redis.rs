@@ -106,32 +106,12 @@ fn cli(
 /// Waits until redis answers PING on `port`; panics with the console and redis-cli's last
 /// error when the guest ends first or `timeout` passes.
 fn wait_ready(vm: &mut Guest, dir: &Path, port: u16, timeout: Duration) {
-    let mut last = String::new();
-    let mut ended = None;
-    let ready = wait_until(timeout, Duration::from_millis(500), || {
-        ended = vm.poll();
-        if ended.is_some() {
-            return true;
-        }
+    vm.wait_answering("redis", timeout, || {
         match cli(dir, port, &["ping"], None, COMMAND_TIMEOUT) {
-            Ok(out) if out == "PONG" => true,
-            Ok(out) | Err(out) => {
-                last = out;
-                false
-            }
+            Ok(out) if out == "PONG" => Ok(()),
+            Ok(out) | Err(out) => Err(format!("redis-cli: {out}")),
         }
     });
-    if let Some(st) = ended {
-        panic!(
-            "the guest ended ({st}) before redis answered; console:\n{}",
-            vm.console()
-        );
-    }
-    assert!(
-        ready,
-        "redis did not answer after {timeout:?} (redis-cli: {last}); console:\n{}",
-        vm.console()
-    );
 }
 
 /// The memory `run` said it gave the guest and the need the file records, from its line

@@ -318,6 +318,45 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Waits until `probe` succeeds (an application answering on its port): it is asked every
+    /// half second until `timeout`; panics with the console and the probe's last error when the
+    /// guest ends first or the time runs out. `what` names the application in the message.
+    pub fn wait_answering(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Result<(), String>,
+    ) {
+        let mut last = String::new();
+        let mut ended = None;
+        let ready = wait_until(timeout, Duration::from_millis(500), || {
+            ended = self.poll();
+            if ended.is_some() {
+                return true;
+            }
+            match probe() {
+                Ok(()) => true,
+                Err(e) => {
+                    last = e;
+                    false
+                }
+            }
+        });
+        if let Some(st) = ended {
+            panic!(
+                "the guest ended ({st}) before {what} answered; console:\n{}",
+                self.console()
+            );
+        }
+        assert!(
+            ready,
+            "{what} did not answer after {timeout:?} ({last}); console:\n{}",
+            self.console()
+        );
+    }
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         self.stop();
