@@ -274,6 +274,24 @@ pub struct RootfsEntry {
     pub size: u64,
     /// The guest memory the image needs, in MiB.
     pub memory_mib: u64,
+    /// Where the root image lies when the blob is laid out to be read in place (an archive,
+    /// then the image on a page boundary); `None` for an initramfs the kernel unpacks whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_place: Option<RootSpan>,
+}
+
+/// A blob laid out for a root image read in place: the kernel unpacks the first
+/// `initrd_len` bytes (the init, its configuration and modules) as its initramfs, and the
+/// SquashFS root image lies at `offset`, page-aligned, `len` bytes padded to whole pages, to
+/// the blob's end. The bake places the blob and tells the kernel where the image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RootSpan {
+    /// The length of the archive the kernel unpacks.
+    pub initrd_len: u64,
+    /// The root image's offset in the blob (a multiple of 4096).
+    pub offset: u64,
+    /// Its length, a multiple of 4096.
+    pub len: u64,
 }
 
 impl Cache {
@@ -515,6 +533,11 @@ mod tests {
             initramfs: d.to_string(),
             size: 9,
             memory_mib: 128,
+            in_place: Some(RootSpan {
+                initrd_len: 3,
+                offset: 4096,
+                len: 4096,
+            }),
         };
         let p = cache.put_rootfs(Some(&key), f, &d, &entry).unwrap();
         assert_eq!(p, cache.blob_path(&d));

@@ -29,6 +29,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Build(args) => done(cli::build::cmd_build(*args).await),
             Command::Push(args) => done(cli::push::cmd_push(args).await),
+            Command::Kernel(KernelCommand::Build(args)) => {
+                done(cli::kernel::cmd_kernel_build(args).await)
+            }
             Command::Kernel(KernelCommand::Push(args)) => {
                 done(cli::push::cmd_kernel_push(args).await)
             }

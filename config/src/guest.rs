@@ -17,6 +17,10 @@ pub const MODULES_DIR: &str = "/.oci2uk/modules";
 /// The read-only root image in the initramfs (`--rootfs squashfs`), which the init mounts
 /// through a loop device when it is there.
 pub const ROOT_IMAGE_PATH: &str = "/.oci2uk/root.squashfs";
+/// The name of the MTD device of a root image read in place: the bake tells the kernel
+/// (`phram.phram=NAME,ADDRESS,LENGTH`) where it put the image, and the init mounts the block
+/// device of the MTD device of this name (`/proc/mtd`) instead of a file of the initramfs.
+pub const ROOT_MTD_NAME: &str = "oci2uk-root";
 /// The last entry of the archive, out of sort order: an empty file that exists only if the
 /// kernel unpacked the whole initramfs. When the root filesystem fills up (a tmpfs is capped
 /// at half the memory), the kernel prints "Initramfs unpacking failed: write error", stops

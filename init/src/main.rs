@@ -29,8 +29,8 @@ mod xenstore;
 use std::time::Duration;
 
 use oci2uk_config::guest::{
-    Needs, Platform, CONFIG_PATH, DEBUG_PARAM, HYPERVISOR_TYPE_PATH, ROOT_IMAGE_PATH,
-    UNPACKED_PATH, XENSTORE_OVERRIDE_KEY,
+    Needs, Platform, CONFIG_PATH, DEBUG_PARAM, HYPERVISOR_TYPE_PATH, UNPACKED_PATH,
+    XENSTORE_OVERRIDE_KEY,
 };
 use oci2uk_config::{find_override, kernel_params, Config, MountSource, StatusLine};
 
@@ -147,9 +147,9 @@ fn boot() -> Result<sys::Exit, Error> {
     step(|| format!("{} modules loaded", wanted.len()));
     // A read-only root image (`--rootfs squashfs`) becomes the root, with an overlay for
     // writes, before anything is mounted or written for the application.
-    if root::present() {
-        root::switch()?;
-        step(|| format!("{ROOT_IMAGE_PATH} mounted as the root"));
+    if let Some(image) = root::find()? {
+        root::switch(&image)?;
+        step(|| format!("{} mounted as the root", image.describe()));
     }
     sup.watch_power_button();
 

@@ -1,6 +1,8 @@
-//! The read-only root image (`oci2uk build --rootfs squashfs`): the initramfs holds the init,
-//! the config, the modules and [`ROOT_IMAGE_PATH`]; the init attaches the image to a loop device,
-//! mounts it read-only, puts a tmpfs overlay over it for writes, moves the kernel's file
+//! The read-only root image (`oci2uk build --rootfs squashfs`). Either the bake placed it
+//! beside the initramfs and the kernel made it the MTD device [`ROOT_MTD_NAME`] where it lies
+//! (a kernel with `phram` and `mtdblock` built in), and the init mounts that device's block
+//! device; or the initramfs holds it at [`ROOT_IMAGE_PATH`], and the init attaches it to a loop
+//! device. It is mounted read-only, with a tmpfs overlay over it for writes, moves the kernel's file
 //! systems into the overlay and makes it the root, as `switch_root` does (`chdir`, `mount
 //! --move` onto `/`, `chroot`). oci2uk's directory (init, modules) is bound into the new root
 //! at the same path, so what refers to it (the kernel's `poweroff_cmd`, the volumes' staging
@@ -11,7 +13,7 @@ use std::os::unix::fs::{chown, DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use libc::c_ulong;
-use oci2uk_config::guest::{PRIVATE_DIR, ROOT_IMAGE_PATH};
+use oci2uk_config::guest::{PRIVATE_DIR, ROOT_IMAGE_PATH, ROOT_MTD_NAME};
 
 use crate::sys;
 use crate::Error;
@@ -23,9 +25,54 @@ const RW: &str = "/.oci2uk/rw";
 /// Where the overlay is mounted before it becomes the root.
 const NEWROOT: &str = "/.oci2uk/newroot";
 
-/// Whether the initramfs has a root image.
-pub fn present() -> bool {
-    Path::new(ROOT_IMAGE_PATH).is_file()
+/// Where the root image is.
+pub enum Image {
+    /// Read in place: the block device of its MTD device (`/dev/mtdblock0`).
+    InPlace(String),
+    /// A file of the initramfs ([`ROOT_IMAGE_PATH`]).
+    File,
+}
+
+impl Image {
+    /// What the console calls it.
+    pub fn describe(&self) -> String {
+        match self {
+            Image::InPlace(dev) => format!("the root image in place ({dev})"),
+            Image::File => ROOT_IMAGE_PATH.to_owned(),
+        }
+    }
+}
+
+/// The root image, if the guest has one. A command line that places one (`phram.phram=`)
+/// with no MTD device of that name is an error: the kernel could not map it.
+pub fn find() -> Result<Option<Image>, Error> {
+    let mtd = fs::read_to_string("/proc/mtd").unwrap_or_default();
+    if let Some(n) = mtd_index(&mtd, ROOT_MTD_NAME) {
+        return Ok(Some(Image::InPlace(format!("/dev/mtdblock{n}"))));
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.contains(&format!("phram.phram={ROOT_MTD_NAME},")) {
+        return Err(Error::new(
+            127,
+            format!(
+                "the kernel did not make the root image's MTD device {ROOT_MTD_NAME:?} (phram and \
+                 mtdblock must be built in; `oci2uk run --debug` shows the kernel's messages)"
+            ),
+        ));
+    }
+    Ok(Path::new(ROOT_IMAGE_PATH).is_file().then_some(Image::File))
+}
+
+/// The number N of the MTD device named `name` in `/proc/mtd` (lines `mtdN: SIZE ERASESIZE
+/// "NAME"`).
+fn mtd_index(proc_mtd: &str, name: &str) -> Option<u32> {
+    let quoted = format!("\"{name}\"");
+    proc_mtd.lines().find_map(|l| {
+        let (dev, rest) = l.split_once(':')?;
+        (rest.split_whitespace().nth(2)? == quoted)
+            .then(|| dev.strip_prefix("mtd")?.parse().ok())
+            .flatten()
+    })
 }
 
 fn mkdir(path: &str, mode: u32) -> Result<(), Error> {
@@ -59,7 +106,7 @@ fn has_filesystem(name: &str) -> bool {
 }
 
 /// Mounts the root image with an overlay and makes it the root.
-pub fn switch() -> Result<(), Error> {
+pub fn switch(image: &Image) -> Result<(), Error> {
     for (fs, module) in [("squashfs", "squashfs"), ("overlay", "overlay")] {
         if !has_filesystem(fs) {
             return Err(Error::new(
@@ -71,20 +118,10 @@ pub fn switch() -> Result<(), Error> {
             ));
         }
     }
-    if !Path::new("/dev/loop-control").exists() {
-        return Err(Error::new(
-            127,
-            "the kernel has no loop devices (/dev/loop-control), which the root image needs: \
-             the module loop.ko did not load (see the warnings above)",
-        ));
-    }
-    let image = File::open(ROOT_IMAGE_PATH)
-        .map_err(|e| Error::io(format!("opening {ROOT_IMAGE_PATH}"), e))?;
-    let dev = sys::loop_attach(&image, ROOT_IMAGE_PATH)
-        .map_err(|e| Error::io(format!("attaching {ROOT_IMAGE_PATH} to a loop device"), e))?;
-    drop(image);
-    let dev = dev.display().to_string();
-    crate::console::step(|| format!("{ROOT_IMAGE_PATH} on {dev}"));
+    let dev = match image {
+        Image::InPlace(dev) => dev.clone(),
+        Image::File => loop_device()?,
+    };
 
     mkdir(LOWER, 0o700)?;
     mount(
@@ -146,6 +183,24 @@ pub fn switch() -> Result<(), Error> {
     Ok(())
 }
 
+/// The initramfs's root image attached to a loop device: the device's path.
+fn loop_device() -> Result<String, Error> {
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(Error::new(
+            127,
+            "the kernel has no loop devices (/dev/loop-control), which the root image needs: \
+             the module loop.ko did not load (see the warnings above)",
+        ));
+    }
+    let image = File::open(ROOT_IMAGE_PATH)
+        .map_err(|e| Error::io(format!("opening {ROOT_IMAGE_PATH}"), e))?;
+    let dev = sys::loop_attach(&image, ROOT_IMAGE_PATH)
+        .map_err(|e| Error::io(format!("attaching {ROOT_IMAGE_PATH} to a loop device"), e))?;
+    let dev = dev.display().to_string();
+    crate::console::step(|| format!("{ROOT_IMAGE_PATH} on {dev}"));
+    Ok(dev)
+}
+
 /// A directory at `path` in the new root to mount on; the image's symlink or file there is
 /// an error rather than something followed or hidden.
 fn ensure_mountpoint(path: &str) -> Result<(), Error> {
@@ -159,5 +214,20 @@ fn ensure_mountpoint(path: &str) -> Result<(), Error> {
             ),
         )),
         Err(_) => mkdir(path, 0o755),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_mtd_device_by_name() {
+        let proc_mtd = "dev:    size   erasesize  name\n\
+                        mtd0: 00400000 00001000 \"other\"\n\
+                        mtd1: 01e00000 00001000 \"oci2uk-root\"\n";
+        assert_eq!(mtd_index(proc_mtd, ROOT_MTD_NAME), Some(1));
+        assert_eq!(mtd_index(proc_mtd, "oci2uk"), None);
+        assert_eq!(mtd_index("", ROOT_MTD_NAME), None);
     }
 }

@@ -67,10 +67,13 @@ pub struct BakedInfo {
     pub cmdline: String,
     /// The guest memory the image needs, in MiB (`oci2uk.memory=`).
     pub memory_mib: Option<u64>,
-    /// sha256 of the initramfs.
+    /// sha256 of the initramfs (with a root image read in place: of the archive and the image
+    /// after it, the blob the build made).
     pub rootfs_digest: String,
     /// The initramfs's size.
     pub rootfs_size: u64,
+    /// Whether the root image is read in place (the kernel unpacks only the archive before it).
+    pub root_in_place: bool,
     /// Its compression.
     pub rootfs_compression: String,
     /// The launch configuration (`/rumpconfig.json`).
@@ -117,6 +120,16 @@ impl BakedInfo {
             .checked_sub(seg.paddr)
             .filter(|r| r.saturating_add(mod_size) <= seg.filesz && mod_size > 0)
             .ok_or_else(|| not_baked("its initramfs lies outside its baked segment"))?;
+        // A root image read in place follows the module: the blob runs to its end.
+        let root = crate::bake::find_root_params(&cmdline);
+        let blob_size = match root {
+            Some((addr, len)) => addr
+                .checked_add(len)
+                .and_then(|end| end.checked_sub(mod_paddr))
+                .filter(|&n| n >= mod_size && rel.saturating_add(n) <= seg.filesz)
+                .ok_or_else(|| not_baked("its root image lies outside its baked segment"))?,
+            None => mod_size,
+        };
         let memory_mib = guest::find_memory(&cmdline);
         let boot = boot_paths(&mut f, &seg).map_err(io_err)?;
 
@@ -128,7 +141,7 @@ impl BakedInfo {
         f.seek(SeekFrom::Start(seg.offset + rel)).map_err(io_err)?;
         let mut hasher = Hasher::sha256();
         let mut tee = TeeReader {
-            inner: BufReader::with_capacity(1 << 20, (&mut f).take(mod_size)),
+            inner: BufReader::with_capacity(1 << 20, (&mut f).take(blob_size)),
             hasher: &mut hasher,
         };
         let config = match compression {
@@ -168,7 +181,8 @@ impl BakedInfo {
             cmdline,
             memory_mib,
             rootfs_digest,
-            rootfs_size: mod_size,
+            rootfs_size: blob_size,
+            root_in_place: root.is_some(),
             rootfs_compression: compression.map_or("none", |c| c.name()).to_string(),
             config,
             boot,

@@ -373,13 +373,14 @@ async fn unikernel(
     Ok(path)
 }
 
-/// A kernel pushed with `oci2uk kernel push`: its image and modules directory in the cache.
+/// A kernel pushed with `oci2uk kernel push`: its image and modules directory in the cache
+/// (none for a kernel built without modules, whose layer has no `lib/modules`).
 pub async fn kernel(
     r: &ImageRef,
     opts: &RegistryOptions,
     cache: &Cache,
     progress: &Progress,
-) -> Result<(PathBuf, PathBuf), FetchError> {
+) -> Result<(PathBuf, Option<PathBuf>), FetchError> {
     let Remote {
         session, resolved, ..
     } = resolve(r, opts, &Platform::host()).await?;
@@ -416,12 +417,19 @@ pub async fn kernel(
     if !kpath.is_file() {
         return Err(invalid(format!("has no {image} in its layer")));
     }
-    if !mpath.is_dir() {
+    if mpath.is_dir() {
+        return Ok((kpath, Some(mpath)));
+    }
+    let modular = crate::kernel::Kernel::load(&kpath)
+        .ok()
+        .and_then(|k| k.config().ok().flatten())
+        .is_none_or(|c| c.is_builtin("MODULES"));
+    if modular {
         return Err(invalid(format!(
             "has no modules for {version} in its layer"
         )));
     }
-    Ok((kpath, mpath))
+    Ok((kpath, None))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub fn file(path: &str, info: &BakedInfo) -> Value {
             "digest": info.rootfs_digest,
             "size": info.rootfs_size,
             "compression": info.rootfs_compression,
+            "in_place": info.root_in_place,
         },
         "source": {
             "image": o.and_then(|o| o.source_image.clone()),

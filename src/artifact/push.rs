@@ -275,12 +275,17 @@ fn build_kernel(
     cache: &Cache,
 ) -> Result<Built, PushError> {
     let kernel = crate::kernel::Kernel::load(path)?;
+    // A kernel built without modules (the oci2uk kernel) is pushed alone.
+    let modular = kernel.config()?.is_none_or(|c| c.is_builtin("MODULES"));
     let dir = match modules {
-        Some(d) => d.to_path_buf(),
-        None => Path::new("/lib/modules").join(&kernel.version),
+        Some(d) => Some(d.to_path_buf()),
+        None if modular => Some(Path::new("/lib/modules").join(&kernel.version)),
+        None => None,
     };
-    // Check that the modules belong to the kernel (and exist) before packing them.
-    kernel.modules(Some(&dir))?;
+    if let Some(dir) = &dir {
+        // Check that the modules belong to the kernel (and exist) before packing them.
+        kernel.modules(Some(dir))?;
+    }
     let mut members = BTreeMap::new();
     members.insert("boot/".to_string(), Member::Dir);
     members.insert(
@@ -290,11 +295,13 @@ fn build_kernel(
             mode: 0o644,
         },
     );
-    members.insert("lib/".into(), Member::Dir);
-    members.insert("lib/modules/".into(), Member::Dir);
-    let root = format!("lib/modules/{}", kernel.version);
-    members.insert(format!("{root}/"), Member::Dir);
-    walk(&dir, &root, &mut members)?;
+    if let Some(dir) = &dir {
+        members.insert("lib/".into(), Member::Dir);
+        members.insert("lib/modules/".into(), Member::Dir);
+        let root = format!("lib/modules/{}", kernel.version);
+        members.insert(format!("{root}/"), Member::Dir);
+        walk(dir, &root, &mut members)?;
+    }
     let mut ann = BTreeMap::new();
     ann.insert(KERNEL_ARTIFACT.to_string(), "boot/vmlinuz".to_string());
     ann.insert(KERNEL_VERSION.to_string(), kernel.version.clone());

@@ -37,9 +37,11 @@ pub mod stub;
 
 use std::io::{self, Read, Write};
 
+use crate::cache::RootSpan;
 use crate::kernel::elf::{self, Elf, ProgramHeader};
 pub use crate::kernel::START_KERNEL_MAP;
 use crate::kernel::{Kernel, KernelError, XEN_ELFNOTE_ENTRY, XEN_ELFNOTE_PHYS32_ENTRY};
+use oci2uk_config::guest::ROOT_MTD_NAME;
 use pv::MAX_GUEST_CMDLINE;
 use pvh::*;
 use segment::*;
@@ -71,6 +73,12 @@ pub enum BakeError {
     TooLarge {
         /// The initramfs's size.
         len: u64,
+    },
+    /// The root image's span does not describe a blob laid out to be read in place.
+    #[error("the root image to read in place is not where the blob's layout puts it ({why})")]
+    RootSpan {
+        /// The figures.
+        why: String,
     },
     /// The initramfs reader gave fewer or more bytes than announced.
     #[error("the initramfs was announced as {expected} bytes but gave {got}")]
@@ -113,10 +121,18 @@ pub struct Placement {
     pub modlist_paddr: u64,
     /// The command line buffer.
     pub cmdline_paddr: u64,
-    /// The initramfs.
+    /// The initramfs (with a root image read in place: the whole blob, the archive the
+    /// kernel unpacks and the image after it).
     pub initramfs_paddr: u64,
     /// Its size.
     pub initramfs_len: u64,
+    /// What the kernel is given as its initramfs (the module's size): all of it, or the
+    /// archive before a root image read in place.
+    pub initrd_len: u64,
+    /// The root image read in place: its physical address and length.
+    pub root_image: Option<(u64, u64)>,
+    /// The command line as baked, with the root image's parameters.
+    pub cmdline: String,
     /// The kernel's own PVH entry, which the stub jumps to.
     pub kernel_entry: u32,
     /// The kernel's own PV entry (`startup_xen`), which the PV stub jumps to.
@@ -145,7 +161,7 @@ impl Placement {
 /// Where the bake of `kernel` with an initramfs of `initramfs_len` bytes and the command line
 /// `cmdline` puts everything, without writing anything.
 pub fn place(kernel: &Kernel, initramfs_len: u64, cmdline: &str) -> Result<Placement, BakeError> {
-    Ok(Edit::new(kernel, initramfs_len, cmdline, false)?.placement)
+    Ok(Edit::new(kernel, initramfs_len, None, cmdline, false)?.placement)
 }
 
 /// Bake `kernel`, the `initramfs_len` bytes read from `initramfs` and `cmdline` into one
@@ -157,7 +173,26 @@ pub fn bake(
     cmdline: &str,
     out: impl Write,
 ) -> Result<Placement, BakeError> {
-    bake_inner(kernel, initramfs, initramfs_len, cmdline, out, false)
+    bake_inner(kernel, initramfs, initramfs_len, None, cmdline, out, false)
+}
+
+/// [`bake`] of a blob whose root image is read in place ([`crate::rootfs::write_in_place`]
+/// wrote it; `span` says where its parts are). The kernel is given the archive as its
+/// initramfs, and the command line says where the image is: `memmap=LEN$ADDR` keeps the
+/// kernel's allocator off it and `phram.phram=oci2uk-root,ADDR,LEN` makes it an MTD device,
+/// whose block device the init mounts. Every boot path that loads the ELF's segments where
+/// they say (PVH on QEMU, Firecracker, Cloud Hypervisor and Xen, and Xen PV, whose
+/// pseudo-physical addresses follow the same `__START_KERNEL_map + paddr` rule) reads it
+/// there.
+pub fn bake_in_place(
+    kernel: &Kernel,
+    blob: impl Read,
+    blob_len: u64,
+    span: RootSpan,
+    cmdline: &str,
+    out: impl Write,
+) -> Result<Placement, BakeError> {
+    bake_inner(kernel, blob, blob_len, Some(span), cmdline, out, false)
 }
 
 /// [`bake`], optionally moving the program header table to the end even when it has room (so
@@ -166,11 +201,12 @@ fn bake_inner(
     kernel: &Kernel,
     initramfs: impl Read,
     initramfs_len: u64,
+    root: Option<RootSpan>,
     cmdline: &str,
     mut out: impl Write,
     move_phdrs: bool,
 ) -> Result<Placement, BakeError> {
-    let edit = Edit::new(kernel, initramfs_len, cmdline, move_phdrs)?;
+    let edit = Edit::new(kernel, initramfs_len, root, cmdline, move_phdrs)?;
     edit.write(initramfs, &mut out)?;
     out.flush()?;
     Ok(edit.placement)
@@ -214,6 +250,8 @@ struct SegmentAt {
     vaddr: u64,
     size: u64,
     initramfs_len: u64,
+    /// The module's size: what the kernel unpacks.
+    initrd_len: u64,
 }
 
 impl SegmentAt {
@@ -256,14 +294,28 @@ impl<'k> Edit<'k> {
     fn new(
         kernel: &'k Kernel,
         initramfs_len: u64,
+        root: Option<RootSpan>,
         cmdline: &str,
         move_phdrs: bool,
     ) -> Result<Self, BakeError> {
         let vmlinux = kernel.vmlinux()?;
         let kernel_entry = kernel.pvh_entry()?;
         let parsed = Elf::parse(vmlinux).map_err(KernelError::Elf)?;
+        let mut seg = place_segment(&parsed, initramfs_len)?;
+        let root_image = match root {
+            Some(span) => {
+                check_span(&span, initramfs_len)?;
+                seg.initrd_len = span.initrd_len;
+                Some((seg.at(INITRAMFS_OFFSET + span.offset), span.len))
+            }
+            None => None,
+        };
+        let cmdline = match root_image {
+            Some((paddr, len)) => format!("{cmdline} {}", root_params(paddr, len)),
+            None => cmdline.to_owned(),
+        };
+        let cmdline = cmdline.as_str();
         check_cmdline(cmdline)?;
-        let seg = place_segment(&parsed, initramfs_len)?;
         let kept = keep(&parsed, vmlinux);
         let segment_offset = align_up(kept.len, FILE_ALIGN).expect("small");
         let stub = entry_stub(&StubParams {
@@ -279,7 +331,7 @@ impl<'k> Edit<'k> {
                 cmdline: seg.vat(CMDLINE_OFFSET),
                 baked_len: cmdline.len() as u32,
                 initramfs: seg.vat(INITRAMFS_OFFSET),
-                initramfs_len,
+                initramfs_len: seg.initrd_len,
                 entry,
             })
         });
@@ -307,6 +359,9 @@ impl<'k> Edit<'k> {
                 cmdline_paddr: seg.at(CMDLINE_OFFSET),
                 initramfs_paddr: seg.at(INITRAMFS_OFFSET),
                 initramfs_len,
+                initrd_len: seg.initrd_len,
+                root_image,
+                cmdline: cmdline.to_owned(),
                 kernel_entry,
                 kernel_pv_entry,
                 phdr_offset,
@@ -348,6 +403,49 @@ impl<'k> Edit<'k> {
             out.write_all(table)?;
         }
         Ok(())
+    }
+}
+
+/// The kernel parameters that tell the kernel where the root image read in place is: kept
+/// from its allocator, and made the MTD device [`ROOT_MTD_NAME`].
+pub fn root_params(paddr: u64, len: u64) -> String {
+    format!("memmap={len:#x}${paddr:#x} phram.phram={ROOT_MTD_NAME},{paddr:#x},{len:#x}")
+}
+
+/// The root image's physical address and length from a command line that holds
+/// [`root_params`]' `phram.phram=` (the last one, as the kernel takes it).
+pub fn find_root_params(cmdline: &str) -> Option<(u64, u64)> {
+    let prefix = format!("phram.phram={ROOT_MTD_NAME},");
+    let hex = |v: &str| u64::from_str_radix(v.strip_prefix("0x")?, 16).ok();
+    cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .filter_map(|w| w.strip_prefix(&prefix))
+        .find_map(|v| {
+            let (addr, len) = v.split_once(',')?;
+            Some((hex(addr)?, hex(len)?))
+        })
+}
+
+/// The span lies in the blob as [`crate::rootfs::write_in_place`] lays it out: the archive
+/// first, then the image on a page boundary, in whole pages, to the end.
+fn check_span(span: &RootSpan, blob_len: u64) -> Result<(), BakeError> {
+    let page = crate::rootfs::IN_PLACE_ALIGN;
+    let fits = span.initrd_len > 0
+        && span.initrd_len <= span.offset
+        && span.offset.is_multiple_of(page)
+        && span.len.is_multiple_of(page)
+        && span.len > 0
+        && span.offset.checked_add(span.len) == Some(blob_len);
+    if fits {
+        Ok(())
+    } else {
+        Err(BakeError::RootSpan {
+            why: format!(
+                "archive {} bytes, image at {} for {} bytes, in a blob of {blob_len}",
+                span.initrd_len, span.offset, span.len
+            ),
+        })
     }
 }
 
@@ -393,6 +491,7 @@ fn place_segment(parsed: &Elf, initramfs_len: u64) -> Result<SegmentAt, BakeErro
         vaddr,
         size,
         initramfs_len,
+        initrd_len: initramfs_len,
     })
 }
 
@@ -444,7 +543,7 @@ fn segment_head(seg: &SegmentAt, stub: &[u8], pv_stub: Option<&[u8]>, cmdline: &
     };
     let module = HvmModlistEntry {
         paddr: seg.at(INITRAMFS_OFFSET),
-        size: seg.initramfs_len,
+        size: seg.initrd_len,
         ..Default::default()
     };
     let mut head = vec![0u8; INITRAMFS_OFFSET as usize];

@@ -369,3 +369,74 @@ fn damaged_kernel_never_panics(good: Vec<u8>) {
         }
     }
 }
+
+#[test]
+fn a_root_image_in_place_is_kept_out_of_the_module_and_named_on_the_command_line() {
+    let k = kernel();
+    // An archive of 5000 bytes, zeros to the page, then two pages of image.
+    let mut blob: Vec<u8> = (0..5000u32).map(|i| (i * 3) as u8).collect();
+    blob.resize(0x1000 * 2, 0);
+    blob.extend((0..0x2000u32).map(|i| (i % 251) as u8));
+    let span = RootSpan {
+        initrd_len: 5000,
+        offset: 0x2000,
+        len: 0x2000,
+    };
+    let cmdline = "console=ttyS0 rdinit=/init";
+    let mut out = Vec::new();
+    let layout = bake_in_place(&k, &blob[..], blob.len() as u64, span, cmdline, &mut out).unwrap();
+
+    assert_eq!(layout.initramfs_len, blob.len() as u64);
+    assert_eq!(layout.initrd_len, 5000);
+    let image = layout.initramfs_paddr + 0x2000;
+    assert_eq!(layout.root_image, Some((image, 0x2000)));
+    assert_eq!(image % 0x1000, 0);
+    let params = format!("memmap=0x2000${image:#x} phram.phram=oci2uk-root,{image:#x},0x2000");
+    assert_eq!(layout.cmdline, format!("{cmdline} {params}"));
+    assert_eq!(find_root_params(&layout.cmdline), Some((image, 0x2000)));
+
+    // The module is the archive alone; the baked line holds the parameters; the image's bytes
+    // are in the file at its address.
+    let seg = Elf::parse(&out).unwrap().phdrs.last().cloned().unwrap();
+    let at = |paddr: u64| (seg.offset + paddr - seg.paddr) as usize;
+    let modlist = at(layout.modlist_paddr);
+    assert_eq!(u64_at(&out, modlist), Some(layout.initramfs_paddr));
+    assert_eq!(u64_at(&out, modlist + 8), Some(5000));
+    let line = &out[at(layout.cmdline_paddr)..][..layout.cmdline.len() + 1];
+    assert_eq!(&line[..line.len() - 1], layout.cmdline.as_bytes());
+    assert_eq!(line[line.len() - 1], 0);
+    assert_eq!(&out[at(image)..][..0x2000], &blob[0x2000..]);
+    assert_eq!(seg.filesz, 0x1000 + blob.len() as u64);
+}
+
+#[test]
+fn a_span_that_does_not_fit_the_blob_is_refused() {
+    let k = kernel();
+    let blob = vec![1u8; 0x3000];
+    let cases = [
+        (0x1000, 0x1000, 0x1000), // ends before the blob does
+        (0x1800, 0x1000, 0x2000), // the archive runs into the image
+        (0x800, 0x800, 0x2800),   // the image is not page-aligned
+        (0, 0x1000, 0x2000),      // no archive
+    ];
+    for (initrd_len, offset, len) in cases {
+        let span = RootSpan {
+            initrd_len,
+            offset,
+            len,
+        };
+        let err = bake_in_place(&k, &blob[..], 0x3000, span, "x", io::sink()).unwrap_err();
+        assert!(matches!(err, BakeError::RootSpan { .. }), "{span:?}: {err}");
+    }
+}
+
+#[test]
+fn root_params_are_found_on_a_merged_line() {
+    assert_eq!(find_root_params("console=ttyS0 quiet"), None);
+    let line = format!(
+        "a {} b phram.phram=other,0x1,0x2",
+        root_params(0x20_0000, 0x3000)
+    );
+    assert_eq!(find_root_params(&line), Some((0x20_0000, 0x3000)));
+    assert_eq!(find_root_params("phram.phram=oci2uk-root,12,0x1000"), None);
+}

@@ -43,7 +43,7 @@ pub async fn bootable(
     cache: &Cache,
     progress: &Progress,
 ) -> Result<Bootable, BuildError> {
-    let chosen = kernel::discover(None)?;
+    let chosen = kernel::discover_in(None, Some(cache.root()))?;
     let request = |source: Source, out: PathBuf| BuildRequest {
         source,
         format: Format::Elf,

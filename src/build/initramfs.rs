@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use oci2uk_config::guest::DRIVERS;
 
-use crate::cache::{Hasher, RootfsEntry};
+use crate::cache::{Hasher, RootSpan, RootfsEntry};
 use crate::kernel::{Kernel, Lookup, Module, Modules};
 use crate::output::sink::set_default_mode;
 use crate::{plan, rootfs};
 
 use super::keys::{self, RootfsInputs};
-use super::{BuildError, Job, BAKED_ROOTFS};
+use super::{BuildError, Format, Job, BAKED_ROOTFS};
 
 /// An initramfs ready to bake: a verified blob of the cache, its digest and length, the guest
 /// memory the image needs, and the key it is kept under (none when the build cannot be keyed).
@@ -23,6 +23,8 @@ pub(super) struct Initramfs {
     pub len: u64,
     pub memory_mib: u64,
     pub key: Option<String>,
+    /// Where the root image lies, when the blob is laid out to be read in place.
+    pub in_place: Option<RootSpan>,
 }
 
 impl Job {
@@ -30,6 +32,13 @@ impl Job {
     /// made it (no flattening then), else flattened, planned, written into the cache and
     /// recorded under its key.
     pub(super) fn initramfs(&self, kernel: &Kernel) -> Result<Initramfs, BuildError> {
+        let config = kernel.config()?;
+        // Only a baked file can place the root image for the kernel to read in place: a
+        // bundle's or `--format initrd`'s initramfs is loaded by someone else, wherever they
+        // like, and is unpacked whole.
+        let in_place = self.req.format == Format::Elf
+            && self.req.rootfs == rootfs::Layout::Squashfs
+            && config.as_ref().is_some_and(|c| c.reads_root_in_place());
         let modules = kernel.modules(self.req.modules.as_deref())?;
         let mut extras = vec![rootfs::Extra::init(crate::init_blob::INIT.to_vec())];
         let mut packed = BTreeSet::new();
@@ -48,12 +57,17 @@ impl Job {
         for (name, needed) in driver_modules(&modules)? {
             drivers.insert(name.to_owned(), pack(needed)?);
         }
+        // A root image read in place needs no loop device.
+        let root_modules: Vec<&str> = (self.req.rootfs.modules().iter())
+            .filter(|&&m| !(in_place && m == "loop"))
+            .copied()
+            .collect();
         let needed = modules
-            .closure(self.req.rootfs.modules())
+            .closure(&root_modules)
             .map_err(BuildError::Modules)?;
         let module_paths = pack(needed)?;
         let opts = rootfs::RootfsOptions {
-            codec: rootfs::Codec::for_kernel(kernel.config()?.as_ref()),
+            codec: rootfs::Codec::for_kernel(config.as_ref()),
             level: None,
             source_date_epoch: self.req.source_date_epoch,
         };
@@ -67,6 +81,7 @@ impl Job {
                 extras: &extras,
                 opts: &opts,
                 layout: self.req.rootfs,
+                in_place,
                 max_size: self.req.max_size,
                 overrides: &self.req.overrides,
             },
@@ -80,6 +95,7 @@ impl Job {
                     len: entry.size,
                     memory_mib: entry.memory_mib,
                     key: Some(key.clone()),
+                    in_place: entry.in_place,
                 });
             }
         }
@@ -109,15 +125,19 @@ impl Job {
             source_date_epoch: self.req.source_date_epoch,
             ..Default::default()
         };
-        let stats = rootfs::write_layout(
-            self.req.rootfs,
-            &tree,
-            &extras,
-            &opts,
-            &squash,
-            &self.tmp,
-            &mut hashed,
-        )?;
+        let stats = if in_place {
+            rootfs::write_in_place(&tree, &extras, &opts, &squash, &self.tmp, &mut hashed)?
+        } else {
+            rootfs::write_layout(
+                self.req.rootfs,
+                &tree,
+                &extras,
+                &opts,
+                &squash,
+                &self.tmp,
+                &mut hashed,
+            )?
+        };
         let digest = hashed.hasher.finish();
         tracing::debug!(size = stats.compressed_size, "the initramfs is written");
         drop(tree);
@@ -128,6 +148,7 @@ impl Job {
             initramfs: digest.to_string(),
             size: stats.compressed_size,
             memory_mib,
+            in_place: stats.in_place,
         };
         let path = self
             .cache
@@ -138,6 +159,7 @@ impl Job {
             len: stats.compressed_size,
             memory_mib,
             key,
+            in_place: stats.in_place,
         })
     }
 }

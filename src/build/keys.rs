@@ -28,6 +28,8 @@ pub(super) struct RootfsInputs<'a> {
     pub extras: &'a [rootfs::Extra],
     pub opts: &'a rootfs::RootfsOptions,
     pub layout: rootfs::Layout,
+    /// Whether the root image follows the archive, to be read in place.
+    pub in_place: bool,
     /// The size cap (`--max-size`): a smaller one may refuse the image.
     pub max_size: u64,
     pub overrides: &'a plan::Overrides,
@@ -63,6 +65,7 @@ pub(super) fn rootfs_key(cache: &Cache, i: &RootfsInputs<'_>) -> Option<String> 
     }
     line("codec", &(i.opts.codec, i.opts.level));
     line("rootfs", &i.layout);
+    line("in-place", &i.in_place);
     line("source-date-epoch", &i.opts.source_date_epoch);
     line("max-size", &i.max_size);
     line("cmdline", &BAKED_CMDLINE);

@@ -120,8 +120,9 @@ pub struct BuildOutcome {
     /// The kernel file used, for the baked formats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
-    /// Why that kernel: `flag` (`--kernel`), `env` (`$OCI2UK_KERNEL`) or `installed` (the
-    /// newest installed kernel whose modules are present).
+    /// Why that kernel: `flag` (`--kernel`), `env` (`$OCI2UK_KERNEL`), `built` (the oci2uk
+    /// kernel `oci2uk kernel build` built) or `installed` (the newest installed kernel whose
+    /// modules are present).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_choice: Option<&'static str>,
     /// The kernel's release.
@@ -283,6 +284,7 @@ pub async fn build(
         kernel_choice: chosen.as_ref().map(|c| match c.choice {
             kernel::Choice::Flag => "flag",
             kernel::Choice::Env => "env",
+            kernel::Choice::Built => "built",
             kernel::Choice::Installed => "installed",
         }),
         kernel_version: kernel.as_ref().map(|l| l.kernel.version.clone()),
@@ -348,7 +350,7 @@ struct KernelLoad {
 
 impl KernelLoad {
     fn start(req: &BuildRequest, cache: &Cache) -> Result<Self, BuildError> {
-        let chosen = kernel::discover(req.kernel.as_deref())?;
+        let chosen = kernel::discover_in(req.kernel.as_deref(), Some(cache.root()))?;
         let sniffed = sniff_kernel(&chosen.path);
         let path = chosen.path.clone();
         let cache = cache.clone();
@@ -506,7 +508,12 @@ impl Job {
             source,
         })?;
         let reader = io::BufReader::with_capacity(1 << 20, file);
-        bake::bake(kernel, reader, initramfs.len, &cmdline, &mut sink)?;
+        match initramfs.in_place {
+            Some(span) => {
+                bake::bake_in_place(kernel, reader, initramfs.len, span, &cmdline, &mut sink)?
+            }
+            None => bake::bake(kernel, reader, initramfs.len, &cmdline, &mut sink)?,
+        };
         let dest = sink.dest_path();
         let (digest, size) = sink.finish().map_err(|e| self.out_err(e))?;
         if let (Some(key), Some(dest)) = (key, dest) {

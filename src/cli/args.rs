@@ -43,15 +43,45 @@ pub enum Command {
     Push(PushArgs),
     /// Show what a baked file or a reference holds, without booting it.
     Inspect(InspectArgs),
-    /// Kernels in registries.
+    /// The oci2uk kernel, and kernels in registries.
     #[command(subcommand)]
     Kernel(KernelCommand),
 }
 
 #[derive(Subcommand)]
 pub enum KernelCommand {
+    /// Build the oci2uk kernel: Linux configured for one application, with no modules.
+    ///
+    /// Builds a vmlinux from a Linux source (Debian's linux-source-6.1 by default) with
+    /// `make tinyconfig` and oci2uk's configuration fragment (every driver a guest needs built
+    /// in, no modules), and checks that Kconfig kept every option of the fragment. The result,
+    /// `vmlinux` and its `config`, goes to the cache under the digest of its inputs (the
+    /// fragment, the source, the compiler), so the same inputs are built once and give the same
+    /// bytes. Once built it is the kernel `oci2uk build` uses when no --kernel is given.
+    Build(KernelBuildArgs),
     /// Push a kernel image and its modules, for `--kernel REF`.
     Push(KernelPushArgs),
+}
+
+#[derive(Args)]
+pub struct KernelBuildArgs {
+    /// The Linux source: a tarball (.tar.xz, .tar.gz, .tar, ...) or a directory holding a
+    /// clean, unpacked source tree (built out of tree, left as it is). Default:
+    /// /usr/src/linux-source-6.1.tar.xz, from Debian's linux-source-6.1.
+    #[arg(long, value_name = "DIR|TARBALL")]
+    pub source: Option<PathBuf>,
+
+    /// Also copy the kernel and its configuration into DIR, as vmlinux-RELEASE and
+    /// config-RELEASE.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Parallel make jobs. Default: the number of CPUs.
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Args)]
@@ -408,6 +438,7 @@ impl Command {
             Self::Run(r) => r.quiet,
             Self::Push(p) => p.common.quiet,
             Self::Inspect(i) => i.common.quiet,
+            Self::Kernel(KernelCommand::Build(k)) => k.common.quiet,
             Self::Kernel(KernelCommand::Push(k)) => k.common.quiet,
         }
     }

@@ -122,7 +122,7 @@ async fn kernel(
             let (image, dir) = fetch::kernel(&r, registry, cache, progress)
                 .await
                 .with_context(|| format!("cannot use --kernel {k}"))?;
-            Ok((Some(image), Some(modules.unwrap_or(dir))))
+            Ok((Some(image), modules.or(dir)))
         }
         Input::Image(_) => anyhow::bail!(
             "invalid --kernel {k:?}: expected a kernel file or the registry reference of a pushed kernel"
@@ -146,6 +146,7 @@ fn report(
             let why = match outcome.kernel_choice {
                 Some("flag") => " (--kernel)",
                 Some("env") => " ($OCI2UK_KERNEL)",
+                Some("built") => " (the oci2uk kernel)",
                 Some(_) => " (the newest installed kernel with modules)",
                 None => "",
             };

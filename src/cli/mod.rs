@@ -6,6 +6,7 @@ pub mod args;
 pub mod build;
 pub mod exit;
 pub mod inspect;
+pub mod kernel;
 pub mod push;
 pub mod run;
 

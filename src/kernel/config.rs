@@ -45,6 +45,14 @@ impl KernelConfig {
         self.get(name) == Some("y")
     }
 
+    /// Whether the kernel can read a baked root image in place: `phram` maps the memory the
+    /// bake put it in as an MTD device, and `mtdblock` (or its read-only twin) makes that a
+    /// block device the init mounts. Both must be built in: the init loads no module for it.
+    pub fn reads_root_in_place(&self) -> bool {
+        self.is_builtin("MTD_PHRAM")
+            && (self.is_builtin("MTD_BLOCK_RO") || self.is_builtin("MTD_BLOCK"))
+    }
+
     /// The initramfs compressions the kernel can unpack (`CONFIG_RD_<NAME>=y`), in Kconfig order.
     pub fn initramfs_compressions(&self) -> Vec<Compression> {
         Compression::ALL

@@ -2,10 +2,11 @@
 //! [`Kernel`] out: its uncompressed vmlinux, version, architecture, PVH entry point, build
 //! configuration and module tree.
 //!
-//! oci2uk does not build kernels; it takes one. Without `--kernel` it uses `$OCI2UK_KERNEL`, else
-//! the newest installed `/boot/vmlinuz-*` whose `/lib/modules/<version>` exists
-//! ([`discover`]).
+//! Without `--kernel` oci2uk uses `$OCI2UK_KERNEL`, else its own lean kernel once
+//! `oci2uk kernel build` has built it ([`build`]), else the newest installed `/boot/vmlinuz-*`
+//! whose `/lib/modules/<version>` exists ([`discover_in`]).
 
+pub mod build;
 pub mod config;
 pub mod decompress;
 pub mod elf;
@@ -94,8 +95,9 @@ pub enum KernelError {
     Arm64NotBakeable,
     /// No kernel was given and none is installed.
     #[error(
-        "no kernel given and none found: pass --kernel PATH, set {KERNEL_ENV}, or install one \
-         with its modules (apt-get install linux-image-cloud-amd64)"
+        "no kernel given and none found: build oci2uk's own with `oci2uk kernel build`, pass \
+         --kernel PATH, set {KERNEL_ENV}, or install one with its modules (apt-get install \
+         linux-image-cloud-amd64)"
     )]
     NoneInstalled,
     /// The kernel's configuration could not be read.
@@ -458,8 +460,14 @@ impl Kernel {
     }
 
     /// The kernel's module tree: `dir` when given (`--modules`), else
-    /// `/lib/modules/VERSION`.
+    /// `/lib/modules/VERSION`; for a kernel built without modules (its configuration says
+    /// so), none: every driver is built in or absent ([`Modules::built_in`]).
     pub fn modules(&self, dir: Option<&Path>) -> Result<Modules, KernelError> {
+        if dir.is_none() {
+            if let Some(config) = self.config()?.filter(|c| !c.is_builtin("MODULES")) {
+                return Ok(Modules::built_in(&config));
+            }
+        }
         let default = Path::new("/lib/modules").join(&self.version);
         Ok(Modules::open(dir.unwrap_or(&default))?)
     }
@@ -602,6 +610,8 @@ pub enum Choice {
     Flag,
     /// `$OCI2UK_KERNEL`.
     Env,
+    /// The oci2uk kernel `oci2uk kernel build` built.
+    Built,
     /// The newest installed kernel with modules.
     Installed,
 }
@@ -620,15 +630,27 @@ impl fmt::Display for Chosen {
         let why = match self.choice {
             Choice::Flag => "--kernel",
             Choice::Env => KERNEL_ENV,
+            Choice::Built => "the oci2uk kernel, built by `oci2uk kernel build`",
             Choice::Installed => "the newest installed kernel with modules",
         };
         write!(f, "{} ({why})", self.path.display())
     }
 }
 
-/// Pick the kernel: `flag` (`--kernel`), else `$OCI2UK_KERNEL`, else the newest
-/// `/boot/vmlinuz-VERSION` with `/lib/modules/VERSION`.
+/// [`discover_in`] without a cache: `flag`, else `$OCI2UK_KERNEL`, else the newest installed
+/// kernel.
 pub fn discover(flag: Option<&Path>) -> Result<Chosen, KernelError> {
+    discover_in(flag, None)
+}
+
+/// Pick the kernel: `flag` (`--kernel`), else `$OCI2UK_KERNEL`, else the oci2uk kernel last
+/// built into the cache at `cache_root` ([`build::latest`]), else the newest
+/// `/boot/vmlinuz-VERSION` with `/lib/modules/VERSION`.
+///
+/// The oci2uk kernel comes before the installed one because it is the better guest wherever
+/// both boot: the fixture nginx serves from less than half the memory, boots in half the time
+/// and bakes into a smaller file (`scripts/bench-kernel.sh`).
+pub fn discover_in(flag: Option<&Path>, cache_root: Option<&Path>) -> Result<Chosen, KernelError> {
     if let Some(path) = flag {
         return Ok(Chosen {
             path: path.to_path_buf(),
@@ -639,6 +661,12 @@ pub fn discover(flag: Option<&Path>) -> Result<Chosen, KernelError> {
         return Ok(Chosen {
             path: PathBuf::from(path),
             choice: Choice::Env,
+        });
+    }
+    if let Some(path) = cache_root.and_then(build::latest) {
+        return Ok(Chosen {
+            path,
+            choice: Choice::Built,
         });
     }
     newest_installed(Path::new("/boot"), Path::new("/lib/modules")).map(|path| Chosen {

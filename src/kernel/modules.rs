@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::config::KernelConfig;
 use super::decompress::{self, Compression, MAX_OUTPUT};
 
 /// Errors reading a module tree.
@@ -29,6 +30,17 @@ pub enum ModulesError {
         name: String,
         /// The module tree.
         dir: PathBuf,
+    },
+    /// A kernel without modules does not build in what is needed.
+    #[error(
+        "the kernel has no modules and does not build {name} in (CONFIG_{symbol} is not =y in \
+         its configuration)"
+    )]
+    NotBuiltIn {
+        /// The module's name.
+        name: String,
+        /// Its Kconfig symbol.
+        symbol: String,
     },
     /// `modules.dep` names a dependency that has no line of its own, or has a cycle.
     #[error("{dir}/modules.dep is inconsistent: {why}")]
@@ -79,7 +91,28 @@ pub struct Modules {
     /// Name -> (relative path, the names it depends on as `modules.dep` lists them).
     deps: BTreeMap<String, (String, Vec<String>)>,
     builtin: BTreeSet<String>,
+    /// Built from a kernel's configuration (a kernel without modules), not from a tree.
+    from_config: bool,
 }
+
+/// The Kconfig symbol of each module oci2uk may put into an initramfs: what a kernel without
+/// modules must build in instead (the drivers of `oci2uk_config::guest::DRIVERS` and the root
+/// image's file systems).
+const SYMBOLS: &[(&str, &str)] = &[
+    ("virtio_pci", "VIRTIO_PCI"),
+    ("virtio_mmio", "VIRTIO_MMIO"),
+    ("virtio_net", "VIRTIO_NET"),
+    ("virtio_blk", "VIRTIO_BLK"),
+    ("virtiofs", "VIRTIO_FS"),
+    ("fuse", "FUSE_FS"),
+    ("button", "ACPI_BUTTON"),
+    ("evdev", "INPUT_EVDEV"),
+    ("xen_netfront", "XEN_NETDEV_FRONTEND"),
+    ("xen_blkfront", "XEN_BLKDEV_FRONTEND"),
+    ("squashfs", "SQUASHFS"),
+    ("overlay", "OVERLAY_FS"),
+    ("loop", "BLK_DEV_LOOP"),
+];
 
 /// A module's name from its file name: the stem before `.ko`, with `-` written `_` (as kmod
 /// compares names).
@@ -128,6 +161,22 @@ impl Modules {
             dir: dir.to_path_buf(),
             deps,
             builtin,
+            from_config: false,
+        }
+    }
+
+    /// The "tree" of a kernel built without modules (`CONFIG_MODULES` unset): nothing to load,
+    /// and a module counts as built in when its Kconfig symbol is `=y` in `config`.
+    pub fn built_in(config: &KernelConfig) -> Self {
+        Modules {
+            dir: PathBuf::new(),
+            deps: BTreeMap::new(),
+            builtin: SYMBOLS
+                .iter()
+                .filter(|(_, symbol)| config.is_builtin(symbol))
+                .map(|(name, _)| (*name).to_owned())
+                .collect(),
+            from_config: true,
         }
     }
 
@@ -168,6 +217,16 @@ impl Modules {
             match self.lookup(&name) {
                 Lookup::Module(_) => self.visit(&name, &mut Vec::new(), &mut done, &mut order)?,
                 Lookup::BuiltIn => {}
+                Lookup::Missing if self.from_config => {
+                    let symbol = SYMBOLS
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map_or("?", |(_, s)| s);
+                    return Err(ModulesError::NotBuiltIn {
+                        symbol: symbol.to_owned(),
+                        name,
+                    });
+                }
                 Lookup::Missing => {
                     return Err(ModulesError::Missing {
                         name,

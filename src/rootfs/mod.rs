@@ -33,6 +33,7 @@ pub mod squashfs;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -40,6 +41,7 @@ use std::str::FromStr;
 pub use codec::{Codec, UnknownCodec};
 pub use squashfs::{SquashCompression, SquashfsOptions, SquashfsStats, ROOT_IMAGE_PATH};
 
+pub use crate::cache::RootSpan;
 use crate::flatten::ContentCopyError;
 use crate::flatten::{Content, Entry, InodeId, Kind, Tree};
 use codec::Encoder;
@@ -251,6 +253,9 @@ pub struct RootfsStats {
     pub dropped_xattrs: u64,
     /// The root image inside the initramfs, for [`Layout::Squashfs`].
     pub root_image: Option<SquashfsStats>,
+    /// Where the root image lies, when it follows the archive to be read in place
+    /// ([`write_in_place`]).
+    pub in_place: Option<RootSpan>,
 }
 
 /// What the initramfs is unpacked into, which decides how much memory the guest needs.
@@ -315,11 +320,19 @@ pub const RESERVED_MIB: u64 = 32;
 /// nginx serves from 128 MiB and the kernel panics unpacking at 120, as the initramfs of the
 /// same tree records 256 MiB and serves from 200 (`scripts/bench-memory.sh`).
 ///
+/// A root image read in place ([`RootfsStats::in_place`]) counts once, and only its archive
+/// is unpacked.
+///
 /// Rounded up to a multiple of 32 MiB; at least 128 MiB. The sizes are estimates: the figures
 /// are Debian's cloud kernel's, with margin.
 pub fn memory_needed(stats: &RootfsStats, rootfs: RootfsType) -> u64 {
-    let unpacked = stats.unpacked_size.div_ceil(MIB);
-    let compressed = stats.compressed_size.div_ceil(MIB);
+    let mut unpacked = stats.unpacked_size.div_ceil(MIB);
+    let mut compressed = stats.compressed_size.div_ceil(MIB);
+    if let Some(span) = stats.in_place {
+        // The image is held once, where the bake put it; only the archive is unpacked.
+        unpacked += span.len.div_ceil(MIB);
+        compressed = span.initrd_len.div_ceil(MIB);
+    }
     let mut need = KERNEL_MIB + unpacked + (compressed + DECOMPRESS_MIB).max(APP_MIB);
     if rootfs == RootfsType::Tmpfs {
         need = need.max(2 * unpacked + RESERVED_MIB);
@@ -459,6 +472,52 @@ pub fn write_layout(
     }
 }
 
+/// The root image's alignment in a blob written by [`write_in_place`], and the unit of its
+/// length: a page, as the kernel maps it.
+pub const IN_PLACE_ALIGN: u64 = 4096;
+
+/// Writes the blob of a root image the kernel reads in place: the archive of `extras` (the
+/// init, its configuration and modules, and the marker), compressed with the codec; zeros to
+/// the next page; the SquashFS image of `tree`; zeros to the next page. The kernel unpacks only
+/// the archive ([`RootSpan::initrd_len`] bytes); the bake keeps the image where it placed it
+/// and the guest mounts it from there, so it is in the guest's memory once, not unpacked
+/// beside itself. The whole blob is one file of the cache, like any initramfs.
+pub fn write_in_place(
+    tree: &Tree,
+    extras: &[Extra],
+    opts: &RootfsOptions,
+    squash: &SquashfsOptions,
+    tmp_dir: &Path,
+    w: impl Write,
+) -> Result<RootfsStats, RootfsError> {
+    let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
+    let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
+    let mut out = Counter::new(w);
+    let mut stats = write_archive(None, extras, opts, &mut out, None)?;
+    let initrd_len = out.n;
+    let pad = |n: u64| (IN_PLACE_ALIGN - n % IN_PLACE_ALIGN) % IN_PLACE_ALIGN;
+    io::copy(&mut io::repeat(0).take(pad(initrd_len)), &mut out)?;
+    let offset = out.n;
+    let copied = io::copy(&mut fs::File::open(image.path())?, &mut out)?;
+    if copied != sq.image_size {
+        return Err(RootfsError::Io(io::Error::other(format!(
+            "the root image was {} bytes and {copied} were read back",
+            sq.image_size
+        ))));
+    }
+    io::copy(&mut io::repeat(0).take(pad(copied)), &mut out)?;
+    out.flush()?;
+    stats.compressed_size = out.n;
+    stats.dropped_xattrs = sq.dropped_xattrs;
+    stats.root_image = Some(sq);
+    stats.in_place = Some(RootSpan {
+        initrd_len,
+        offset,
+        len: out.n - offset,
+    });
+    Ok(stats)
+}
+
 /// Writes the archive of `tree` and `extras`, compressed with the codec. A `tail`, the root
 /// image (already compressed: the host file and its length), follows at [`ROOT_IMAGE_PATH`]
 /// in an uncompressed archive of its own, with the marker: the kernel unpacks concatenated
@@ -499,6 +558,7 @@ fn write_archive(
         unpacked_size: 0,
         dropped_xattrs: 0,
         root_image: None,
+        in_place: None,
     };
     let tail_path = &ROOT_IMAGE_PATH.as_bytes()[1..];
     if tail.is_some() && items.contains_key(tail_path) {

@@ -749,6 +749,7 @@ fn stats(unpacked_mib: u64, compressed_mib: u64) -> RootfsStats {
         unpacked_size: unpacked_mib << 20,
         dropped_xattrs: 0,
         root_image: None,
+        in_place: None,
     }
 }
 
@@ -1069,4 +1070,42 @@ fn codec_timings() {
             }
         }
     }
+}
+
+#[test]
+fn in_place_puts_the_image_on_a_page_after_the_archive() {
+    let mut fx = Fixture::new();
+    let tree = sample(&mut fx);
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    let stats = write_in_place(
+        &tree,
+        &extras(),
+        &opts(Codec::None),
+        &SquashfsOptions::default(),
+        dir.path(),
+        &mut out,
+    )
+    .unwrap();
+    let span = stats.in_place.expect("a span");
+    assert_eq!(stats.compressed_size, out.len() as u64);
+    assert_eq!(span.offset % IN_PLACE_ALIGN, 0);
+    assert_eq!(span.len % IN_PLACE_ALIGN, 0);
+    assert_eq!(span.offset + span.len, out.len() as u64);
+    assert!(span.initrd_len <= span.offset && span.offset - span.initrd_len < IN_PLACE_ALIGN);
+    // The archive holds the extras and ends with the marker, and no copy of the image.
+    let recs = parse(&out[..span.initrd_len as usize]);
+    let names: Vec<&str> = recs.iter().map(|r| r.name.as_str()).collect();
+    assert!(names.contains(&".oci2uk/init"), "{names:?}");
+    assert_eq!(names.last(), Some(&&UNPACKED_PATH[1..]));
+    assert!(!names.iter().any(|n| n.contains("root.squashfs")));
+    // Zeros to the page, then the SquashFS image, then zeros.
+    assert!(out[span.initrd_len as usize..span.offset as usize]
+        .iter()
+        .all(|&b| b == 0));
+    let image = &out[span.offset as usize..];
+    assert_eq!(&image[..4], b"hsqs");
+    let root = stats.root_image.unwrap();
+    assert!(image[root.image_size as usize..].iter().all(|&b| b == 0));
+    assert_eq!(span.len, root.image_size.next_multiple_of(IN_PLACE_ALIGN));
 }

@@ -15,6 +15,7 @@ mod faults;
 #[cfg(feature = "vm-tests")]
 mod guest;
 mod hostile;
+mod kernel_build;
 #[cfg(feature = "vm-tests")]
 mod postgres;
 #[cfg(feature = "vm-tests")]

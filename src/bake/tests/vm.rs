@@ -135,6 +135,7 @@ fn boots_under_qemu_q35_and_microvm() {
             &kernel,
             &initramfs[..],
             initramfs.len() as u64,
+            None,
             CMDLINE,
             file,
             move_phdrs,

@@ -1,0 +1,62 @@
+# Shared by the bench scripts (sourced): medians, a free port, and booting a baked ELF under
+# QEMU until its HTTP server answers.
+#
+# boot_http ELF MIB [QEMU ARGS...]: prints the seconds from QEMU's start to the first HTTP 200
+# from the guest's port 80 (-accel tcg -M microvm, virtio-net, user networking), or "fail"
+# when QEMU ends or TIMEOUT seconds (default 180) pass first. The console goes to
+# $BENCH_WORK/console-NAME-MIB (BENCH_WORK: a directory the caller made).
+# smallest ELF: the smallest -m (MiB, a multiple of STEP, default 8; between LO, default 32,
+# and HI, default 512) at which boot_http serves, by bisection; "none up to HI" otherwise.
+
+median() { sort -n | awk 'NF { a[++n] = $1 } END { if (n == 0) print "-"; else print a[int((n + 1) / 2)] }'; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+boot_http() {
+    local elf=$1 mem=$2 port log pid start now ok=
+    shift 2
+    port=$(free_port)
+    log=${BENCH_WORK:?}/console-$(basename "$elf")-$mem
+    start=$(date +%s.%N)
+    qemu-system-x86_64 -accel tcg -M microvm,isa-serial=on -m "$mem" -nographic -no-reboot \
+        -kernel "$elf" -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:80" \
+        -device virtio-net-device,netdev=n0 "$@" </dev/null >"$log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/" || true)" = 200 ]; then
+            ok=1
+            break
+        fi
+        now=$(date +%s.%N)
+        if [ "$(echo "$now - $start > ${TIMEOUT:-180}" | bc)" = 1 ]; then
+            break
+        fi
+        sleep 0.05
+    done
+    now=$(date +%s.%N)
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    if [ -n "$ok" ]; then
+        printf '%.2f\n' "$(echo "$now - $start" | bc)"
+    else
+        echo fail
+    fi
+}
+
+smallest() {
+    local elf=$1 step=${STEP:-8} lo=${LO:-32} hi=${HI:-512} mid
+    [ "$(boot_http "$elf" "$hi")" != fail ] || { echo "none up to $hi"; return; }
+    while [ $((hi - lo)) -gt "$step" ]; do
+        mid=$(((lo + hi) / 2 / step * step))
+        if [ "$(boot_http "$elf" "$mid")" != fail ]; then
+            hi=$mid
+            echo "  $(basename "$elf"): -m $mid serves" >&2
+        else
+            lo=$mid
+            echo "  $(basename "$elf"): -m $mid fails" >&2
+        fi
+    done
+    echo "$hi"
+}
