@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what baking and booting need: QEMU and Debian's cloud kernel (the reference kernel:
-# PVH and Xen built in, virtio as modules), squashfs-tools, and the musl target the guest init
-# is built for.
+# PVH and Xen built in, virtio as modules), Debian's Linux source and a compiler for
+# `oci2uk kernel build`, squashfs-tools, and the musl target the guest init is built for.
 set -euo pipefail
 
 missing=()
@@ -14,6 +14,13 @@ command -v unsquashfs >/dev/null || missing+=(squashfs-tools)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v virtiofsd >/dev/null || [ -x /usr/libexec/virtiofsd ] || [ -x /usr/lib/qemu/virtiofsd ] ||
     missing+=(virtiofsd)
+# oci2uk kernel build: Debian's Linux source and what building it takes.
+[ -f /usr/src/linux-source-6.1.tar.xz ] || missing+=(linux-source-6.1)
+for tool in make:make gcc:gcc flex:flex bison:bison bc:bc; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+[ -f /usr/include/libelf.h ] || missing+=(libelf-dev)
+[ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 # The kernel and bake tests compress with every codec Linux knows and disassemble the stub.
 for tool in readelf:binutils objdump:binutils lzop:lzop lz4:lz4 zstd:zstd xz:xz-utils bzip2:bzip2 cpio:cpio; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")

@@ -13,7 +13,7 @@ scripts/install-vm.sh
 xen_dir=$(mktemp -d /tmp/oci2uk-xen.XXXXXX)
 (testxen/build.sh build >/dev/null && testxen/up.sh "$xen_dir") >"$xen_dir.log" 2>&1 &
 xen_boot=$!
-trap 'testxen/down.sh "$xen_dir" >/dev/null 2>&1 || true; rm -rf "$xen_dir" "$xen_dir.log"' EXIT
+trap 'testxen/down.sh "$xen_dir" >/dev/null 2>&1 || true; rm -rf "$xen_dir" "$xen_dir.log" "${kernel_json:-}"' EXIT
 testregistry/up.sh
 # shellcheck disable=SC1091
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
@@ -21,6 +21,13 @@ source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 cargo fmt --all -- --check
 # Modules import one way: no cycle between siblings, no import from a stage above.
 scripts/check-layers.py
+# oci2uk's own kernel, built by oci2uk (the first time takes about 8 minutes on 2 cores; it is
+# cached under ~/.cache/oci2uk after): every test that boots a guest boots it, while the code
+# builds beside it.
+cargo build --bin oci2uk
+kernel_json=$(mktemp /tmp/oci2uk-kernel.XXXXXX)
+"${CARGO_TARGET_DIR:-target}/debug/oci2uk" kernel build --quiet --json >"$kernel_json" &
+kernel_build=$!
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # --all-features builds the registry and VM tests, the library's own VM checks (bake, rootfs,
 # bundle) among them: none of them skips, so a missing kernel, busybox or QEMU fails the run.
@@ -32,6 +39,10 @@ if ! wait "$xen_boot"; then
 fi
 echo "test.sh: Xen test host ready in $(tail -1 "$xen_dir.log") s"
 export OCI2UK_XEN_DIR=$xen_dir
+wait "$kernel_build"
+OCI2UK_KERNEL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["kernel"])' "$kernel_json")
+export OCI2UK_KERNEL
+echo "test.sh: the tests boot the oci2uk kernel $OCI2UK_KERNEL"
 cargo test --workspace --all-features
 testxen/down.sh "$xen_dir"
 # A short run of every fuzz target on its corpus (installs nightly and cargo-fuzz if needed).

@@ -18,8 +18,12 @@ use oci2uk_config::model::{check_sysctl_key, sysctl_path};
 use crate::console::{self, step};
 
 /// Set before the configuration's entries, which may override them: the OOM killer kills a
-/// process rather than the kernel panicking (the kernel's default, made explicit).
-const DEFAULTS: [(&str, &str); 1] = [("vm.panic_on_oom", "0")];
+/// process rather than the kernel panicking (the kernel's default, made explicit); and no
+/// watermark boost. The boost raises the free-memory watermark by up to 4 MiB after a
+/// fragmentation event to make room for huge pages; in a guest of a few tens of MiB that is a
+/// fifth of its memory, and with `min_ttl_ms` the reclaim it forces ends in the OOM killer
+/// (nginx on the oci2uk kernel was killed at 64 MiB with 3 MiB free and served without it).
+const DEFAULTS: [(&str, &str); 2] = [("vm.panic_on_oom", "0"), ("vm.watermark_boost_factor", "0")];
 
 /// The multi-generational LRU and the working-set age it protects; a kernel without it
 /// (`CONFIG_LRU_GEN`) keeps its classic LRU and the files are not there.

@@ -123,6 +123,7 @@ impl Job {
         };
         let squash = rootfs::SquashfsOptions {
             source_date_epoch: self.req.source_date_epoch,
+            level: in_place.then_some(rootfs::IN_PLACE_ZSTD_LEVEL),
             ..Default::default()
         };
         let stats = if in_place {

@@ -255,24 +255,41 @@ pub fn build(
     let kernels = cache.root().join("kernels");
     fs::create_dir_all(&kernels).map_err(io_err("create", &kernels))?;
     let dir = kernels.join(&key);
-    let cached = dir.join("vmlinux").is_file();
-    if !cached {
-        let jobs = opts
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
-        let job = Job {
-            cache,
-            source: &source,
-            wants: &wants,
-            jobs,
-            bar: &bar,
-        };
-        job.run(&dir)?;
-    }
+    let found = if dir.join("vmlinux").is_file() {
+        match describe(&dir, true) {
+            Ok(built) => Some(built),
+            Err(e) => {
+                // A damaged entry (a disk filled up, a hand edit) is built again.
+                tracing::warn!(path = %dir.display(), error = %e, "rebuilding a damaged kernel");
+                fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut built = match found {
+        Some(built) => built,
+        None => {
+            let jobs = opts
+                .jobs
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(1);
+            let job = Job {
+                cache,
+                source: &source,
+                wants: &wants,
+                jobs,
+                bar: &bar,
+            };
+            job.run(&dir)?;
+            describe(&dir, false)?
+        }
+    };
     bar.finish_and_clear();
     point_latest(&kernels, &key)?;
-    describe(&dir, cached, start.elapsed().as_secs_f64())
+    built.seconds = start.elapsed().as_secs_f64();
+    Ok(built)
 }
 
 /// Copies `built`'s vmlinux and config into `dir` (created if needed) as `vmlinux-RELEASE` and
@@ -454,7 +471,7 @@ fn check_tools(tarball: bool) -> Result<(), KernelBuildError> {
         Ok(())
     } else {
         Err(KernelBuildError::MissingTools {
-            missing: missing.join(" "),
+            missing: missing.join(", "),
         })
     }
 }
@@ -631,7 +648,11 @@ impl Log {
             .append(true)
             .open(&self.path)
             .map_err(io_err("write", &self.path))?;
-        writeln!(file, "### {step}: {cmd:?}").map_err(io_err("write", &self.path))?;
+        let line: Vec<_> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(OsStr::to_string_lossy)
+            .collect();
+        writeln!(file, "### {step}: {}", line.join(" ")).map_err(io_err("write", &self.path))?;
         let err = file.try_clone().map_err(io_err("write", &self.path))?;
         let status = cmd
             .stdin(Stdio::null())
@@ -692,7 +713,7 @@ fn point_latest(kernels: &Path, key: &str) -> Result<(), KernelBuildError> {
 }
 
 /// The figures of the kernel in `dir`.
-fn describe(dir: &Path, cached: bool, seconds: f64) -> Result<Built, KernelBuildError> {
+fn describe(dir: &Path, cached: bool) -> Result<Built, KernelBuildError> {
     let vmlinux = dir.join("vmlinux");
     let config = dir.join("config");
     let data = fs::read(&vmlinux).map_err(io_err("read", &vmlinux))?;
@@ -718,7 +739,7 @@ fn describe(dir: &Path, cached: bool, seconds: f64) -> Result<Built, KernelBuild
         loaded_bytes,
         options: count_options(&text),
         cached,
-        seconds,
+        seconds: 0.0,
         vmlinux,
         config,
     })
@@ -808,7 +829,10 @@ fn verify(wants: &[(String, Setting)], config: &str) -> Result<(), KernelBuildEr
 
 /// A spinner that shows the step and the time since it started.
 fn spinner(progress: &Progress, msg: &str) -> ProgressBar {
-    let bar = progress.spinner(msg);
+    // Cleared however the build ends, so an error is not printed beside a stale step.
+    let bar = progress
+        .spinner(msg)
+        .with_finish(indicatif::ProgressFinish::AndClear);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"),
     );

@@ -860,8 +860,8 @@ conf=$($b cat /rumpconfig.json) root=$($b stat -f -c %T /) \
 unpacked=$u\"\n\
 $b poweroff -f\n";
 
-/// Boots the installed kernel under QEMU (software emulation) with an initramfs in every
-/// codec. Slow, so built only with the `vm-tests` feature.
+/// Boots the kernel (`$OCI2UK_KERNEL`, else the installed one) under QEMU (software emulation)
+/// with an initramfs in every codec it reads. Slow, so built only with the `vm-tests` feature.
 #[cfg(feature = "vm-tests")]
 #[test]
 fn the_kernel_unpacks_every_codec() {
@@ -890,7 +890,22 @@ fn the_kernel_unpacks_every_codec() {
     let want = "OCI2UK-ROOTFS links=3 data=zzz meta=4750:1000:50 sym=/z/data conf={} \
                 root=ramfs unpacked=yes";
     let mut failures = Vec::new();
-    for codec in [Codec::Zstd, Codec::Gzip, Codec::Xz, Codec::Lz4, Codec::None] {
+    // Every codec the kernel reads (the oci2uk kernel reads zstd alone), and none.
+    let config = crate::kernel::Kernel::load(&kernel.path)
+        .unwrap()
+        .config()
+        .unwrap();
+    let enabled: Vec<Codec> = match &config {
+        Some(c) => (c.initramfs_compressions().into_iter())
+            .filter_map(Codec::from_kernel)
+            .collect(),
+        None => vec![Codec::Gzip],
+    };
+    let codecs = [Codec::Zstd, Codec::Gzip, Codec::Xz, Codec::Lz4]
+        .into_iter()
+        .filter(|c| enabled.contains(c))
+        .chain([Codec::None]);
+    for codec in codecs {
         let initrd = fx.dir.path().join(format!("initrd.{codec}"));
         let file = std::fs::File::create(&initrd).unwrap();
         let stats = write_initramfs(&tree, &extras, &opts(codec), file).unwrap();
@@ -1108,4 +1123,17 @@ fn in_place_puts_the_image_on_a_page_after_the_archive() {
     let root = stats.root_image.unwrap();
     assert!(image[root.image_size as usize..].iter().all(|&b| b == 0));
     assert_eq!(span.len, root.image_size.next_multiple_of(IN_PLACE_ALIGN));
+}
+
+#[test]
+fn memory_needed_in_place_counts_the_image_once() {
+    let mut s = stats(1, 1);
+    s.in_place = Some(RootSpan {
+        initrd_len: 400 << 10,
+        offset: 400 << 10,
+        len: 29 << 20,
+    });
+    // 16 (kernel) + 1 (archive) + 29 (image) + 16 (application) = 62, rounded up to 64.
+    assert_eq!(memory_needed(&s, RootfsType::Ramfs), 64);
+    assert_eq!(memory_needed(&s, RootfsType::Tmpfs), 64);
 }
