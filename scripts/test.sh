@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check the project has: formatting, lints, unit tests, the integration tests
 # against the loopback test registry (started here if it is not up) and the VM tests
-# (qemu-system-x86_64 under TCG with Debian's cloud kernel), and the Xen tests against a Xen
-# test host (testxen/) booted under QEMU.
+# (qemu-system-x86_64 under TCG with the oci2uk kernel, which this builds, and again with
+# Debian's cloud kernel), and the Xen tests against a Xen test host (testxen/) booted under
+# QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,10 @@ OCI2UK_KERNEL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[
 export OCI2UK_KERNEL
 echo "test.sh: the tests boot the oci2uk kernel $OCI2UK_KERNEL"
 cargo test --workspace --all-features
+# Debian's kernel, which loads its drivers as modules, through the VM and Xen tests again.
+distribution=$(find /boot -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -1)
+echo "test.sh: the VM and Xen tests again with $distribution"
+OCI2UK_KERNEL=$distribution cargo test --all-features --test it -- vm:: xen::
 testxen/down.sh "$xen_dir"
 # A short run of every fuzz target on its corpus (installs nightly and cargo-fuzz if needed).
 scripts/fuzz.sh 30

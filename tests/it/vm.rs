@@ -113,9 +113,9 @@ fn application_exit_status_is_runs_exit_status() {
         "run",
         s.path().join("work/bb.elf").to_str().unwrap(),
         "-m",
-        "64",
+        "16",
     ]);
-    assert_fails(&out, 125, &["-m 64 is too small", "MiB"]);
+    assert_fails(&out, 125, &["-m 16 is too small", "MiB"]);
 }
 
 #[test]

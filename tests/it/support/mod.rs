@@ -362,3 +362,29 @@ impl Drop for Guest {
         self.stop();
     }
 }
+
+/// Debian's kernel, the newest installed one with its modules: for the tests of what a
+/// kernel with modules does (loading them, a root image in a loop device).
+pub fn distribution_kernel() -> PathBuf {
+    oci2uk::kernel::newest_installed(Path::new("/boot"), Path::new("/lib/modules"))
+        .expect("an installed kernel with modules (scripts/install-vm.sh installs Debian's)")
+}
+
+/// The oci2uk kernel, `$OCI2UK_KERNEL` (scripts/test.sh builds it and sets it), checked to be
+/// one: built without modules and able to read a root image in place.
+pub fn oci2uk_kernel() -> PathBuf {
+    let path = PathBuf::from(std::env::var_os("OCI2UK_KERNEL").expect(
+        "OCI2UK_KERNEL names the oci2uk kernel (`oci2uk kernel build --json` prints its path)",
+    ));
+    let config = oci2uk::kernel::Kernel::load(&path)
+        .expect("a kernel")
+        .config()
+        .expect("its configuration")
+        .expect("a kernel with its configuration built in");
+    assert!(
+        !config.is_builtin("MODULES") && config.reads_root_in_place(),
+        "{} is not the oci2uk kernel",
+        path.display()
+    );
+    path
+}
