@@ -140,4 +140,3 @@ fn the_oci2uk_kernel_reads_the_root_image_in_place_and_nginx_serves_from_64_mib(
     );
     assert!(console.contains(" 0 modules loaded"), "{console}");
 }
-
