@@ -834,7 +834,8 @@ fn spinner(progress: &Progress, msg: &str) -> ProgressBar {
         .spinner(msg)
         .with_finish(indicatif::ProgressFinish::AndClear);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"),
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed_precise})")
+            .expect("a valid template"),
     );
     bar
 }
