@@ -59,7 +59,8 @@ pub enum KernelCommand {
     /// fragment, the source, the compiler), so the same inputs are built once and give the same
     /// bytes. Once built it is the kernel `oci2uk build` uses when no --kernel is given.
     Build(KernelBuildArgs),
-    /// Push a kernel image and its modules, for `--kernel REF`.
+    /// Push a kernel image and its modules, for `--kernel REF`; a kernel built without modules
+    /// (the oci2uk kernel) goes alone.
     Push(KernelPushArgs),
 }
 
@@ -123,7 +124,8 @@ pub struct KernelPushArgs {
     /// Where to push: REGISTRY/REPOSITORY[:TAG].
     pub reference: String,
 
-    /// The kernel's module tree. Default: /lib/modules/VERSION, VERSION read from the kernel.
+    /// The kernel's module tree. Default: /lib/modules/VERSION, VERSION read from the kernel;
+    /// none for a kernel built without modules.
     #[arg(long, value_name = "DIR")]
     pub modules: Option<PathBuf>,
 
