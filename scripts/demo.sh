@@ -12,7 +12,7 @@ testregistry/up.sh
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 
 cargo build --release
-# oci2uk's own lean kernel (about 8 minutes on 2 cores the first time, cached after): from
+# oci2uk's own lean kernel (about 6 minutes on 2 cores the first time, cached after): from
 # here on `oci2uk IMAGE` uses it.
 ./target/release/oci2uk kernel build
 ./target/release/oci2uk "$OCI2UK_TEST_REGISTRY/nginx:latest" -o nginx.elf

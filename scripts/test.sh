@@ -22,7 +22,7 @@ source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
 cargo fmt --all -- --check
 # Modules import one way: no cycle between siblings, no import from a stage above.
 scripts/check-layers.py
-# oci2uk's own kernel, built by oci2uk (the first time takes about 8 minutes on 2 cores; it is
+# oci2uk's own kernel, built by oci2uk (the first time takes about 6 minutes on 2 cores; it is
 # cached under ~/.cache/oci2uk after): every test that boots a guest boots it, while the code
 # builds beside it.
 cargo build --bin oci2uk

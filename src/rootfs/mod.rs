@@ -299,7 +299,7 @@ pub const APP_MIB: u64 = 64;
 /// The decompressor's working memory while unpacking: zstd's window, xz's dictionary or
 /// LZ4's block, each at most 8 MiB.
 pub const DECOMPRESS_MIB: u64 = 8;
-/// The memory a kernel that reads the root image in place takes (the oci2uk kernel's 15 MiB).
+/// The memory a kernel that reads the root image in place takes (the oci2uk kernel loads 11 MiB; 5 more for its tables).
 pub const IN_PLACE_KERNEL_MIB: u64 = 16;
 /// What the application is given beyond its files, with a root image read in place: its own
 /// pages, the page cache of the files it reads and the kernel's tables for them.
@@ -326,9 +326,9 @@ pub const RESERVED_MIB: u64 = 32;
 /// same tree records 256 MiB and serves from 200 (`scripts/bench-memory.sh`).
 ///
 /// A root image read in place ([`RootfsStats::in_place`]) needs a kernel that reads it there,
-/// built for one application (the oci2uk kernel loads 15 MiB and unpacks nothing big):
+/// built for one application (the oci2uk kernel loads 11 MiB and unpacks nothing big):
 /// `IN_PLACE_KERNEL_MIB + unpacked archive + image + IN_PLACE_APP_MIB`, rounded up to 8 MiB.
-/// The fixture nginx records 64 MiB this way and serves from 64 (not from 60;
+/// The fixture nginx records 64 MiB this way and serves from 60 (not from 56;
 /// `scripts/bench-kernel.sh`).
 ///
 /// Rounded up to a multiple of 32 MiB; at least 128 MiB. The sizes are estimates: the figures
@@ -486,7 +486,7 @@ pub fn write_layout(
 /// The zstd level of a root image read in place. Such an image stays in the guest's memory,
 /// compressed, for the guest's life, so its size is memory the application does not get: level
 /// 15 makes the fixture nginx's image 13% smaller than level 3 (30.0 MB against 34.5) and is
-/// what lets it serve from 64 MiB, for about 8 s more of a build that is cached after. Reads
+/// what lets it serve from 60 MiB, for about 8 s more of a build that is cached after. Reads
 /// cost the same (zstd decompresses every level at one speed).
 pub const IN_PLACE_ZSTD_LEVEL: u32 = 15;
 
