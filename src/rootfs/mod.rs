@@ -299,7 +299,8 @@ pub const APP_MIB: u64 = 64;
 /// The decompressor's working memory while unpacking: zstd's window, xz's dictionary or
 /// LZ4's block, each at most 8 MiB.
 pub const DECOMPRESS_MIB: u64 = 8;
-/// The memory a kernel that reads the root image in place takes (the oci2uk kernel loads 11 MiB; 5 more for its tables).
+/// The memory a kernel that reads the root image in place takes (the oci2uk kernel loads
+/// 11 MiB, and its tables take more).
 pub const IN_PLACE_KERNEL_MIB: u64 = 16;
 /// What the application is given beyond its files, with a root image read in place: its own
 /// pages, the page cache of the files it reads and the kernel's tables for them.
