@@ -15,15 +15,9 @@
 # 5), MEM (default 512), STEP (default 4), TIMEOUT=seconds per boot (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck disable=SC1091
-[ -n "${OCI2UK_TEST_REGISTRY:-}" ] || . /tmp/oci2uk-testreg/env
-OCI2UK=${OCI2UK:-}
-if [ -z "$OCI2UK" ]; then
-    for b in target/release/oci2uk target/debug/oci2uk; do
-        [ -x "$b" ] && OCI2UK=$b && break
-    done
-fi
-[ -n "$OCI2UK" ] || { echo "build oci2uk first (cargo build --release)" >&2; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_setup
 IMAGE=${IMAGE:-$OCI2UK_TEST_REGISTRY/nginx:latest}
 CLOUD=${CLOUD:-$(find /boot -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -1)}
 RUNS=${RUNS:-5}
@@ -32,8 +26,6 @@ export STEP=${STEP:-4} TIMEOUT=${TIMEOUT:-60}
 work=$(mktemp -d /tmp/oci2uk-bench-kernel.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 BENCH_WORK=$work
-# shellcheck source=scripts/bench-lib.sh
-. scripts/bench-lib.sh
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 lean_json=$("$OCI2UK" kernel build --quiet --json)

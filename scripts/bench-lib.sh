@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the bench scripts (sourced): medians, a free port, and booting a baked ELF under
 # QEMU until its HTTP server answers.
 #
@@ -7,6 +8,20 @@
 # $BENCH_WORK/console-NAME-MIB (BENCH_WORK: a directory the caller made).
 # smallest ELF: the smallest -m (MiB, a multiple of STEP, default 8; between LO, default 32,
 # and HI, default 512) at which boot_http serves, by bisection; "none up to HI" otherwise.
+
+# bench_setup: the test registry's environment (/tmp/oci2uk-testreg/env, unless it is set) and
+# OCI2UK, the binary to measure (default: target/release, else target/debug).
+bench_setup() {
+    # shellcheck disable=SC1091
+    [ -n "${OCI2UK_TEST_REGISTRY:-}" ] || . /tmp/oci2uk-testreg/env
+    OCI2UK=${OCI2UK:-}
+    if [ -z "$OCI2UK" ]; then
+        for b in target/release/oci2uk target/debug/oci2uk; do
+            [ -x "$b" ] && OCI2UK=$b && break
+        done
+    fi
+    [ -n "$OCI2UK" ] || { echo "build oci2uk first (cargo build --release)" >&2; exit 1; }
+}
 
 median() { sort -n | awk 'NF { a[++n] = $1 } END { if (n == 0) print "-"; else print a[int((n + 1) / 2)] }'; }
 

@@ -12,15 +12,9 @@
 # TIMEOUT=seconds per boot (default 180), ROOTFS="initramfs squashfs".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck disable=SC1091
-[ -n "${OCI2UK_TEST_REGISTRY:-}" ] || . /tmp/oci2uk-testreg/env
-OCI2UK=${OCI2UK:-}
-if [ -z "$OCI2UK" ]; then
-    for b in target/release/oci2uk target/debug/oci2uk; do
-        [ -x "$b" ] && OCI2UK=$b && break
-    done
-fi
-[ -n "$OCI2UK" ] || { echo "build oci2uk first (cargo build --release)" >&2; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_setup
 IMAGE=${IMAGE:-$OCI2UK_TEST_REGISTRY/nginx:latest}
 STEP=${STEP:-8}
 TIMEOUT=${TIMEOUT:-180}
@@ -29,8 +23,6 @@ work=$(mktemp -d /tmp/oci2uk-bench-memory.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 BENCH_WORK=$work
-# shellcheck source=scripts/bench-lib.sh
-. scripts/bench-lib.sh
 
 declare -A MIN
 printf '%-10s %8s %12s %12s %10s %12s\n' rootfs min_MiB boot_at_min boot_at_512 elf_MiB recorded_MiB
