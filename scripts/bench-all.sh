@@ -25,6 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 if [ -z "${OCI2UK_TEST_REGISTRY:-}" ]; then
     testregistry/up.sh >/dev/null
@@ -68,7 +70,6 @@ if [ -z "${OCI2UK_TSC_KHZ:-}" ]; then
 fi
 export OCI2UK_TSC_KHZ
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ratio() { echo "scale=3; $1 / $2" | bc | sed 's/^\./0./'; }
 # Prints "SECONDS KIB" for a command: wall time and peak RSS.
 measure() {
@@ -193,17 +194,20 @@ now() { date +%s.%N; }
 time_to_page() {
     local port=$1 log=$2
     shift 2
-    local start pid
+    local start pid t
     start=$(now)
     "$@" -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:80" -device virtio-net-device,netdev=n0 \
         >"$log" 2>&1 &
     pid=$!
     qemu_pids+=("$pid")
-    until curl -sf -o /dev/null -m 1 "http://127.0.0.1:$port/"; do
-        kill -0 "$pid" 2>/dev/null || { echo "the VM ended before serving:" >&2; tail -n 20 "$log" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "$(now) - $start" | bc
+    t=$(first_200 "$port" "$pid" "$start")
+    if [ "$t" = fail ]; then
+        echo "the VM ended before serving:" >&2
+        tail -n 20 "$log" >&2
+        kill "$pid" 2>/dev/null || true
+        return 1
+    fi
+    echo "$t"
     kill "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null || true
 }
