@@ -300,7 +300,7 @@ pub const APP_MIB: u64 = 64;
 /// LZ4's block, each at most 8 MiB.
 pub const DECOMPRESS_MIB: u64 = 8;
 /// The memory a kernel that reads the root image in place takes (the oci2uk kernel loads
-/// 11 MiB, and its tables take more).
+/// 13 MiB, and its tables take more).
 pub const IN_PLACE_KERNEL_MIB: u64 = 16;
 /// What the application is given beyond its files, with a root image read in place: its own
 /// pages, the page cache of the files it reads and the kernel's tables for them.
@@ -327,7 +327,7 @@ pub const RESERVED_MIB: u64 = 32;
 /// same tree records 256 MiB and serves from 200 (`scripts/bench-memory.sh`).
 ///
 /// A root image read in place ([`RootfsStats::in_place`]) needs a kernel that reads it there,
-/// built for one application (the oci2uk kernel loads 11 MiB and unpacks nothing big):
+/// built for one application (the oci2uk kernel loads 13 MiB and unpacks nothing big):
 /// `IN_PLACE_KERNEL_MIB + unpacked archive + image + IN_PLACE_APP_MIB`, rounded up to 8 MiB.
 /// The fixture nginx records 64 MiB this way and serves from 60 (not from 56;
 /// `scripts/bench-kernel.sh`).
