@@ -216,7 +216,9 @@ if want boot; then
     kernel=$(ls -v /boot/vmlinuz-*-cloud-amd64 | tail -n1)
     kver=${kernel#/boot/vmlinuz-}
     addr=10.0.2.15 gw=10.0.2.2
-    "$bin" build "$image" -o "$work/boot.elf" --net "$addr/24,$gw" --cache "$work/cache" --quiet
+    # The same kernel as the baseline's, named: the default would be the oci2uk kernel once built.
+    "$bin" build "$image" -o "$work/boot.elf" --kernel "$kernel" --net "$addr/24,$gw" \
+        --cache "$work/cache" --quiet
     # The baseline: busybox, the same modules in the same order, a static address, httpd.
     mkdir -p "$work/bb/bin" "$work/bb/lib/modules" "$work/bb/www"
     cp /bin/busybox "$work/bb/bin/busybox"
