@@ -258,6 +258,15 @@ pub struct RootfsStats {
     pub in_place: Option<RootSpan>,
 }
 
+impl RootfsStats {
+    /// Records the SquashFS root image the blob carries: the image's files are its files, so
+    /// the extended attributes it dropped are the ones the blob lost.
+    fn record_root_image(&mut self, sq: SquashfsStats) {
+        self.dropped_xattrs = sq.dropped_xattrs;
+        self.root_image = Some(sq);
+    }
+}
+
 /// What the initramfs is unpacked into, which decides how much memory the guest needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootfsType {
@@ -473,15 +482,26 @@ pub fn write_layout(
     match layout {
         Layout::Initramfs => write_initramfs(tree, extras, opts, w),
         Layout::Squashfs => {
-            let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
-            let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
+            let (image, sq) = spool_root_image(tree, squash, tmp_dir)?;
             let tail = (image.path(), sq.image_size);
             let mut stats = write_archive(None, extras, opts, w, Some(tail))?;
-            stats.dropped_xattrs = sq.dropped_xattrs;
-            stats.root_image = Some(sq);
+            stats.record_root_image(sq);
             Ok(stats)
         }
     }
+}
+
+/// `tree` as a SquashFS root image (with `squash`'s options), spooled to a temporary file in
+/// `tmp_dir` for the blob's writer to copy: the file, removed when dropped, and the image's
+/// stats.
+fn spool_root_image(
+    tree: &Tree,
+    squash: &SquashfsOptions,
+    tmp_dir: &Path,
+) -> Result<(tempfile::NamedTempFile, SquashfsStats), RootfsError> {
+    let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
+    let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
+    Ok((image, sq))
 }
 
 /// The zstd level of a root image read in place. Such an image stays in the guest's memory,
@@ -509,8 +529,7 @@ pub fn write_in_place(
     tmp_dir: &Path,
     w: impl Write,
 ) -> Result<RootfsStats, RootfsError> {
-    let mut image = tempfile::NamedTempFile::new_in(tmp_dir)?;
-    let sq = squashfs::write_squashfs(tree, squash, image.as_file_mut())?;
+    let (image, sq) = spool_root_image(tree, squash, tmp_dir)?;
     let mut out = Counter::new(w);
     let mut stats = write_archive(None, extras, opts, &mut out, None)?;
     let initrd_len = out.n;
@@ -527,8 +546,7 @@ pub fn write_in_place(
     io::copy(&mut io::repeat(0).take(pad(copied)), &mut out)?;
     out.flush()?;
     stats.compressed_size = out.n;
-    stats.dropped_xattrs = sq.dropped_xattrs;
-    stats.root_image = Some(sq);
+    stats.record_root_image(sq);
     stats.in_place = Some(RootSpan {
         initrd_len,
         offset,
