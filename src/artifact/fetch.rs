@@ -422,8 +422,8 @@ pub async fn kernel(
     }
     let modular = crate::kernel::Kernel::load(&kpath)
         .ok()
-        .and_then(|k| k.config().ok().flatten())
-        .is_none_or(|c| c.is_builtin("MODULES"));
+        .and_then(|k| k.has_modules().ok())
+        .unwrap_or(true);
     if modular {
         return Err(invalid(format!(
             "has no modules for {version} in its layer"

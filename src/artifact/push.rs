@@ -276,7 +276,7 @@ fn build_kernel(
 ) -> Result<Built, PushError> {
     let kernel = crate::kernel::Kernel::load(path)?;
     // A kernel built without modules (the oci2uk kernel) is pushed alone.
-    let modular = kernel.config()?.is_none_or(|c| c.is_builtin("MODULES"));
+    let modular = kernel.has_modules()?;
     let dir = match modules {
         Some(d) => Some(d.to_path_buf()),
         None if modular => Some(Path::new("/lib/modules").join(&kernel.version)),

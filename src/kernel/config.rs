@@ -45,6 +45,12 @@ impl KernelConfig {
         self.get(name) == Some("y")
     }
 
+    /// Whether the kernel loads modules (`MODULES=y`); without, every driver is built in or
+    /// absent, and there is no module tree to read or publish.
+    pub fn has_modules(&self) -> bool {
+        self.is_builtin("MODULES")
+    }
+
     /// Whether the kernel can read a baked root image in place: `phram` maps the memory the
     /// bake put it in as an MTD device, and `mtdblock` (or its read-only twin) makes that a
     /// block device the init mounts. Both must be built in: the init loads no module for it.

@@ -459,12 +459,18 @@ impl Kernel {
         Ok(None)
     }
 
+    /// Whether the kernel loads modules: its configuration says so, or it has none to tell
+    /// (then a module tree is expected, as for any distribution kernel).
+    pub fn has_modules(&self) -> Result<bool, KernelError> {
+        Ok(self.config()?.is_none_or(|c| c.has_modules()))
+    }
+
     /// The kernel's module tree: `dir` when given (`--modules`), else
     /// `/lib/modules/VERSION`; for a kernel built without modules (its configuration says
     /// so), none: every driver is built in or absent ([`Modules::built_in`]).
     pub fn modules(&self, dir: Option<&Path>) -> Result<Modules, KernelError> {
         if dir.is_none() {
-            if let Some(config) = self.config()?.filter(|c| !c.is_builtin("MODULES")) {
+            if let Some(config) = self.config()?.filter(|c| !c.has_modules()) {
                 return Ok(Modules::built_in(&config));
             }
         }
