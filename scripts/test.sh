@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Free space where the run writes: the cargo build, the caches in $HOME and the scratch in /tmp.
+disk() {
+    echo "test.sh: disk $1:"
+    df -h --output=target,size,used,avail . "${TMPDIR:-/tmp}" "$HOME" | awk '!seen[$0]++'
+}
+disk "at the start"
+
 testregistry/install.sh
 scripts/install-vm.sh
 # The Xen test host is built (cached after the first time) and booted in the background while
@@ -14,7 +21,7 @@ scripts/install-vm.sh
 xen_dir=$(mktemp -d /tmp/oci2uk-xen.XXXXXX)
 (testxen/build.sh build >/dev/null && testxen/up.sh "$xen_dir") >"$xen_dir.log" 2>&1 &
 xen_boot=$!
-trap 'testxen/down.sh "$xen_dir" >/dev/null 2>&1 || true; rm -rf "$xen_dir" "$xen_dir.log" "${kernel_json:-}"' EXIT
+trap 'status=$?; testxen/down.sh "$xen_dir" >/dev/null 2>&1 || true; rm -rf "$xen_dir" "$xen_dir.log" "${kernel_json:-}"; if [ $status -ne 0 ]; then disk "when the run failed"; fi' EXIT
 testregistry/up.sh
 # shellcheck disable=SC1091
 source "${OCI2UK_TESTREG_DIR:-/tmp/oci2uk-testreg}/env"
@@ -50,5 +57,10 @@ distribution=$(find /boot -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -1)
 echo "test.sh: the VM and Xen tests again with $distribution"
 OCI2UK_KERNEL=$distribution cargo test --all-features --test it -- vm:: xen::
 testxen/down.sh "$xen_dir"
+disk "after the tests"
+if [[ ${CI:-} == true ]]; then
+    # A CI clone is thrown away after the run: the test build's space goes to the fuzz build.
+    cargo clean
+fi
 # A short run of every fuzz target on its corpus (installs nightly and cargo-fuzz if needed).
 scripts/fuzz.sh 30
