@@ -305,10 +305,7 @@ impl Site {
     fn options() -> ResolveOptions {
         ResolveOptions {
             platform: "linux/amd64".parse().unwrap(),
-            registry: crate::registry::RegistryOptions {
-                authfile: Some(self_authfile()),
-                ..Default::default()
-            },
+            registry: crate::registry::RegistryOptions::without_machine_auth(),
             max_blob_size: None,
         }
     }
@@ -385,14 +382,6 @@ impl Site {
         }
         out
     }
-}
-
-fn self_authfile() -> PathBuf {
-    let p = std::env::temp_dir().join(format!("oci2uk-defects-auth-{}.json", std::process::id()));
-    if !p.exists() {
-        std::fs::write(&p, "{}").unwrap();
-    }
-    p
 }
 
 #[tokio::test]

@@ -54,6 +54,20 @@ pub struct RegistryOptions {
     pub ca_cert: Option<PathBuf>,
 }
 
+#[cfg(test)]
+impl RegistryOptions {
+    /// Options whose auth file is an empty one (`tests/data/empty-auth.json`), so that the
+    /// machine's own auth files play no part in a test.
+    pub(crate) fn without_machine_auth() -> Self {
+        RegistryOptions {
+            authfile: Some(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/empty-auth.json").into(),
+            ),
+            ..Default::default()
+        }
+    }
+}
+
 impl std::fmt::Debug for RegistryOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryOptions")

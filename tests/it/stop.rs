@@ -62,6 +62,11 @@ fn sigterm_stops_nginx_through_its_stop_signal() {
         "{:?}",
         vm.live_qemus()
     );
+    assert_eq!(
+        vm.left_behind(),
+        Vec::<String>::new(),
+        "run's temporary files"
+    );
     // The console went to a file: plain line ends.
     assert!(!console.contains('\r'), "CR in the console:\n{console:?}");
     // A quiet console: run's own lines (the memory it gives, the stop), nginx's, the

@@ -44,20 +44,10 @@ fn options(creds: Option<&str>) -> ResolveOptions {
         platform: "linux/amd64".parse().unwrap(),
         registry: RegistryOptions {
             creds: creds.map(str::to_string),
-            // An empty auth file, so that the machine's own files play no part.
-            authfile: Some(empty_authfile()),
-            ..Default::default()
+            ..RegistryOptions::without_machine_auth()
         },
         max_blob_size: None,
     }
-}
-
-fn empty_authfile() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("oci2uk-empty-auth-{}.json", std::process::id()));
-    if !p.exists() {
-        std::fs::write(&p, "{}").unwrap();
-    }
-    p
 }
 
 struct Setup {

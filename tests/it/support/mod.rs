@@ -169,11 +169,31 @@ impl Guest {
         guest
     }
 
-    /// `oci2uk run FILE ARGS...`.
+    /// `oci2uk run FILE ARGS...`, with its temporary files (the monitor socket, the volume
+    /// shares) in the console's directory: a test that kills it leaves nothing in /tmp, and
+    /// [`Guest::left_behind`] sees what a run that ended left.
     pub fn run(file: &Path, args: &[&str], console: PathBuf) -> Guest {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci2uk"));
         cmd.arg("run").arg(file).args(args);
+        if let Some(dir) = console.parent() {
+            cmd.env("TMPDIR", dir);
+        }
         Guest::start(&mut cmd, console)
+    }
+
+    /// What `run` created in the console's directory and did not remove.
+    pub fn left_behind(&self) -> Vec<String> {
+        let dir = self
+            .console
+            .parent()
+            .expect("the console is in a directory");
+        let mut left: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("oci2uk-"))
+            .collect();
+        left.sort();
+        left
     }
 
     /// The process's pid.
