@@ -10,7 +10,7 @@ use crate::util::*;
 /// `umoci raw unpack` of a tag of the fixture layout, done once per test run.
 fn umoci_tree(tag: &str) -> Tree {
     static DIRS: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let base = DIRS.get_or_init(|| tempfile::tempdir().unwrap());
+    let base = DIRS.get_or_init(|| tempfile::tempdir_in(process_dir()).unwrap());
     let dir: PathBuf = base.path().join(tag);
     // Each tag is unpacked by the first test that needs it; a lock file serialises them.
     let lock = std::fs::File::create(base.path().join(format!("{tag}.lock"))).unwrap();

@@ -198,10 +198,39 @@ pub struct Scratch {
     pub dir: tempfile::TempDir,
 }
 
+/// This test process's directory for what it builds once and its tests share (a baked file, an
+/// unpacked image): such a thing lives in a static, which is never dropped, so a temporary
+/// directory of its own would stay in /tmp after every run. This one is under cargo's scratch
+/// directory for integration tests (`target/tmp/it-PID`), and the first call removes those of
+/// test processes that have ended.
+pub fn process_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for entry in fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix("it-"));
+            if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = base.join(format!("it-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+}
+
 impl Scratch {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A scratch directory for the whole test process (see [`process_dir`]).
+    pub fn for_the_process() -> Self {
+        Self {
+            dir: tempfile::tempdir_in(process_dir()).unwrap(),
         }
     }
 

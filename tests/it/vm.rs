@@ -15,7 +15,7 @@ use crate::util::*;
 pub(crate) fn nginx_elf() -> &'static (PathBuf, String) {
     static ELF: OnceLock<(tempfile::TempDir, PathBuf, String)> = OnceLock::new();
     let (_, path, page) = ELF.get_or_init(|| {
-        let s = Scratch::new();
+        let s = Scratch::for_the_process();
         let image = format!("{}/nginx:latest", env("OCI2UK_TEST_REGISTRY"));
         assert_ok(&s.oci2uk(&["build", &image, "-o", "nginx.elf", "--quiet"]));
         assert_ok(&s.oci2uk(&[
