@@ -3,17 +3,16 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use crate::util::*;
 
 /// `umoci raw unpack` of a tag of the fixture layout, done once per test run.
 fn umoci_tree(tag: &str) -> Tree {
-    static DIRS: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let base = DIRS.get_or_init(|| tempfile::tempdir_in(process_dir()).unwrap());
-    let dir: PathBuf = base.path().join(tag);
+    let base = process_dir().join("umoci");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir: PathBuf = base.join(tag);
     // Each tag is unpacked by the first test that needs it; a lock file serialises them.
-    let lock = std::fs::File::create(base.path().join(format!("{tag}.lock"))).unwrap();
+    let lock = std::fs::File::create(base.join(format!("{tag}.lock"))).unwrap();
     lock.lock().unwrap();
     if !dir.exists() {
         let layout = env("OCI2UK_TEST_LAYOUT");
